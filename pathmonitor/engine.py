@@ -1,0 +1,167 @@
+"""Execute: one interpreter for the |theta|^q network of a captured graph (MATH.md section 2).
+
+It walks the path ops in order on an input of ones (batch 1, float64), reading one module's edge
+weights at a time from an `EdgeMagnitudes`. Every activation is carried as (tensor, log_scale),
+meaning tensor * exp(log_scale). In plain mode log_scale stays 0; in log-scaled mode each affine
+output is renormalized so nothing overflows, and a bias enters multiplied by exp(-log_scale).
+The same code runs with or without autograd; the renormalization constants are detached, which
+leaves gradients exact because the value is log(sum(tensor)) + log_scale with log_scale held fixed.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .errors import PathComputationError
+from .graph import OpKind, PathGraph, PathOp, Ref
+from .layers import apply_affine, bias_view
+from .sources import EdgeMagnitudes
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """An activation (a tensor, or a tuple of tensors from chunk/split) worth value * exp(log_scale)."""
+
+    value: Any
+    log_scale: float = 0.0
+
+
+def _map_tensors(value: Any, fn) -> Any:
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+def _log_max(t: Tensor) -> float:
+    largest = float(t.detach().max()) if t.numel() else 0.0
+    return math.log(largest) if largest > 0 else -math.inf
+
+
+class Interpreter:
+    def __init__(self, graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float,
+                 log_scaled: bool, device: torch.device):
+        self.graph = graph
+        self.model = model
+        self.magnitudes = magnitudes
+        self.q = q
+        self.log_scaled = log_scaled
+        self.device = device
+
+    def run(self) -> Scaled:
+        """The sum of all outputs of the |theta|^q network, as Scaled(0-dim tensor, log_scale)."""
+        values: list[Any] = [None] * len(self.graph.ops)
+        for i, op in enumerate(self.graph.ops):
+            try:
+                values[i] = self._evaluate(op, values)
+            except PathComputationError:
+                raise
+            except Exception as error:
+                raise PathComputationError(
+                    f"evaluating {op.label} for input_shape {self.graph.input_shape} failed: "
+                    f"{type(error).__name__}: {error}") from error
+            for released in op.release:
+                values[released] = None
+        return values[-1]
+
+    # -- argument resolution ---------------------------------------------------------------
+    def _resolve(self, op: PathOp, values: list[Any]) -> tuple[tuple, dict, float]:
+        """Arguments with activations brought to one common log-scale, and that scale."""
+        scales: list[float] = []
+        fx.node.map_aggregate((op.args, op.kwargs), lambda v: scales.append(values[v.index].log_scale)
+                              if isinstance(v, Ref) and isinstance(values[v.index], Scaled) else None)
+        common = max(scales) if scales else 0.0
+
+        def value_of(v: Any) -> Any:
+            if not isinstance(v, Ref):
+                return v
+            held = values[v.index]
+            if not isinstance(held, Scaled):
+                return held
+            if held.log_scale == common:
+                return held.value
+            factor = math.exp(held.log_scale - common)
+            return _map_tensors(held.value, lambda t: t * factor)
+
+        args, kwargs = fx.node.map_aggregate((op.args, op.kwargs), value_of)
+        return args, kwargs, common
+
+    # -- evaluation per kind -------------------------------------------------------------------
+    def _evaluate(self, op: PathOp, values: list[Any]) -> Any:
+        kind = op.kind
+        if kind is OpKind.INPUT:
+            return Scaled(torch.ones((1,) + self.graph.input_shape, dtype=torch.float64, device=self.device))
+        if kind is OpKind.VALUE:
+            if op.fn is None:
+                return functools.reduce(getattr, op.target.split("."), self.model)
+            args, kwargs, _ = self._resolve(op, values)
+            return op.fn(*args, **kwargs)
+        if kind is OpKind.OUTPUT:
+            return self._total(op, values)
+        args, kwargs, scale = self._resolve(op, values)
+        if kind is OpKind.IDENTITY:
+            return Scaled(args[0], scale)
+        if kind is OpKind.LINEAR:
+            return Scaled(op.fn(*args, **kwargs), scale)
+        if kind is OpKind.POOL:
+            return Scaled(op.pool.magnitudes(args[0], self.q), scale)
+        if kind is OpKind.SCALE:
+            constant = op.fn(args[1])
+            if not isinstance(constant, (int, float)):
+                raise PathComputationError(f"{op.label}: the constant factor is a {type(constant).__name__}, "
+                                           f"not a number; only scaling by numbers is in the path model")
+            return Scaled(args[0] * abs(constant) ** self.q, scale)
+        return self._affine(op, args[0], scale)
+
+    def _affine(self, op: PathOp, x: Tensor, log_scale: float) -> Scaled:
+        module = self.model.get_submodule(op.target)
+        with self.magnitudes.affine(op.target, module) as (weight, bias):
+            if not self.log_scaled:
+                return Scaled(apply_affine(module, x, weight, bias))
+            z = apply_affine(module, x, weight, None)
+            z_log = _log_max(z)
+            terms = [z_log + log_scale]
+            if bias is not None:
+                terms.append(_log_max(bias))
+            new_scale = max(terms)
+            if new_scale == -math.inf:
+                return Scaled(z, log_scale)
+            # (z / max z) * exp(log max z + log_scale - new_scale): both factors <= 1, nothing overflows
+            out = z * math.exp(-z_log) * math.exp(terms[0] - new_scale) if z_log > -math.inf else z
+            if bias is not None:
+                out = out + bias_view(module, bias, z.dim()) * math.exp(-new_scale)
+            return Scaled(out, new_scale)
+
+    def _total(self, op: PathOp, values: list[Any]) -> Scaled:
+        leaves: list[Scaled] = []
+        fx.node.map_aggregate(op.args, lambda v: leaves.append(values[v.index])
+                              if isinstance(v, Ref) and isinstance(values[v.index], Scaled) else None)
+        sums: list[tuple[Tensor, float]] = []
+        for leaf in leaves:
+            _map_tensors(leaf.value, lambda t: sums.append((t.sum(), leaf.log_scale)))
+        if not sums:
+            return Scaled(torch.zeros((), dtype=torch.float64, device=self.device))
+        common = max(scale for _, scale in sums)
+        total = sum(s * math.exp(scale - common) for s, scale in sums)
+        return Scaled(total, common)
+
+
+def evaluate(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float, *,
+             log_scaled: bool, device: Optional[torch.device] = None) -> Scaled:
+    """Sum of all outputs of the |theta|^q network of `graph` on an input of ones."""
+    if device is None:
+        device = model_device(model)
+    return Interpreter(graph, model, magnitudes, q, log_scaled, device).run()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device

@@ -1,0 +1,434 @@
+"""Capture: trace a module once into an explicit graph of path ops (MATH.md section 1).
+
+The graph is a list of `PathOp`s in execution order. Support is decided here, once, for every node,
+so that all problems of a model are reported together and before any training step.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import enum
+import operator
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SupportReport, UnsupportedModelError, UnsupportedNode
+from .layers import AFFINE_TYPES, unsupported_reason
+from .pools import FUNCTIONAL_POOLS, POOL_TYPES, MeanReduce, Pool, pool_from_module
+
+
+class OpKind(enum.Enum):
+    INPUT = "input"  # the input neurons, evaluated on ones
+    AFFINE = "affine"  # Linear / Conv / ConvTranspose / BatchNorm: weighted edges and biases
+    POOL = "pool"  # max-pool, average-pool, mean: fixed window edges
+    LINEAR = "linear"  # edges of weight +-1 or re-indexing: add, sub, cat, reshape-like, nearest upsampling
+    IDENTITY = "identity"  # ReLU, Identity, Dropout, negation: the |theta|^q network passes values through
+    SCALE = "scale"  # multiplication or division by a constant c: edges of weight c
+    VALUE = "value"  # shapes and constants; no activation involved
+    OUTPUT = "output"
+
+
+@dataclass(frozen=True)
+class Ref:
+    """The value computed by op number `index`."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class PathOp:
+    kind: OpKind
+    label: str
+    target: Optional[str] = None  # qualified module name (AFFINE, module ops) or attribute path (VALUE)
+    fn: Optional[Callable] = None
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    pool: Optional[Pool] = None
+    release: tuple[int, ...] = ()  # values whose last use is this op
+
+
+@dataclass(frozen=True)
+class PathGraph:
+    ops: tuple[PathOp, ...]
+    input_shape: tuple[int, ...]
+
+    def affine_modules(self) -> tuple[str, ...]:
+        """Qualified names of the modules whose parameters the graph reads, in execution order."""
+        return tuple(op.target for op in self.ops if op.kind is OpKind.AFFINE)
+
+
+_CLIPPING = "clips its input, so it is not positively homogeneous"
+_SMOOTH = "is not piecewise linear and positively homogeneous"
+_NORMALIZING = "normalizes by statistics of the current input, which is not an affine map"
+KNOWN_UNSUPPORTED_MODULES: dict[type, str] = {
+    nn.ReLU6: _CLIPPING, nn.Hardtanh: _CLIPPING, nn.Hardsigmoid: _CLIPPING, nn.Hardswish: _SMOOTH,
+    nn.LeakyReLU: "has a negative slope, outside the ReLU model", nn.PReLU: "has a negative slope, outside the ReLU model",
+    nn.ELU: _SMOOTH, nn.CELU: _SMOOTH, nn.SELU: _SMOOTH, nn.GELU: _SMOOTH, nn.SiLU: _SMOOTH, nn.Mish: _SMOOTH,
+    nn.Sigmoid: _SMOOTH, nn.Tanh: _SMOOTH, nn.Softplus: _SMOOTH, nn.Softmax: _SMOOTH, nn.LogSoftmax: _SMOOTH,
+    nn.Softmin: _SMOOTH, nn.LayerNorm: _NORMALIZING, nn.GroupNorm: _NORMALIZING,
+    nn.InstanceNorm1d: _NORMALIZING, nn.InstanceNorm2d: _NORMALIZING, nn.InstanceNorm3d: _NORMALIZING,
+    nn.LocalResponseNorm: _NORMALIZING,
+    nn.MultiheadAttention: "attention multiplies activations with each other",
+}
+
+_IDENTITY_MODULES = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                     nn.AlphaDropout, nn.FeatureAlphaDropout)
+# Parameter-free modules whose forward only copies or re-indexes values (or pads with zeros).
+_REINDEX_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle,
+                    nn.Upsample, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+                    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ZeroPad1d,
+                    nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+_LEAF_TYPES = AFFINE_TYPES + POOL_TYPES + _IDENTITY_MODULES + _REINDEX_MODULES + tuple(KNOWN_UNSUPPORTED_MODULES)
+
+_IDENTITY_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, operator.neg, torch.neg, F.dropout,
+                       F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+_IDENTITY_METHODS = {"relu", "neg", "float", "double", "to", "type_as"}
+_SUM_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub}
+_SUM_METHODS = {"add", "sub", "__add__", "__sub__", "__radd__"}
+_SCALE_FUNCTIONS = {operator.mul: False, torch.mul: False, operator.truediv: True, torch.div: True}
+_SCALE_METHODS = {"mul": False, "__mul__": False, "__rmul__": False, "div": True, "__truediv__": True}
+_REINDEX_FUNCTIONS = {torch.flatten, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.reshape,
+                      torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk,
+                      torch.split, torch.narrow, torch.select, torch.movedim, torch.flip, torch.roll,
+                      torch.t, torch.sum, operator.getitem, F.pixel_shuffle, F.pixel_unshuffle,
+                      torch.channel_shuffle, F.channel_shuffle}
+_REINDEX_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze",
+                    "chunk", "split", "narrow", "select", "expand", "repeat", "flip", "roll", "t", "sum",
+                    "view_as", "reshape_as", "expand_as", "__getitem__", "contiguous", "clone"}
+_SHAPE_METHODS = {"size", "dim", "numel"}
+_MEAN_FUNCTIONS = {torch.mean}
+_NEAREST = ("nearest", "nearest-exact")
+
+
+def _method_name(name: str) -> str:
+    """In-place tensor methods map to their out-of-place twins: the path network owns its tensors."""
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def _function_name(target: Any) -> str:
+    if isinstance(target, str):
+        return f"Tensor.{target}"
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", repr(target))
+    prefix = {"torch.nn.functional": "F.", "_operator": "operator.", "operator": "operator."}.get(module, "torch.")
+    return prefix + name
+
+
+class _ScopedTracer(fx.Tracer):
+    """Records, for every node, the qualified name and type of the module whose forward created it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._scopes: list[tuple[str, str]] = [("", "")]
+        self.failed_in: Optional[tuple[str, str]] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        scope = (self.path_of_module(m), type(m).__name__)
+        self._scopes.append(scope)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or scope
+            raise
+        finally:
+            self._scopes.pop()
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta["pathmonitor_scope"] = self._scopes[-1]
+        return node
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode for the duration; each module's own flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    tracer = _ScopedTracer()
+    try:
+        with eval_mode(model):
+            return tracer.trace(model)
+    except Exception as error:
+        name, kind = tracer.failed_in or ("<model>", type(model).__name__)
+        raise UnsupportedModelError((UnsupportedNode(
+            name or "<model>", kind,
+            f"could not be traced symbolically ({type(error).__name__}: {error}); data-dependent "
+            f"control flow cannot be captured"),)) from error
+
+
+class _Builder:
+    """Turns a traced fx graph into path ops, collecting every unsupported node."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]):
+        self.model = model
+        self.input_shape = input_shape
+        self.ops: list[PathOp] = []
+        self.index: dict[fx.Node, int] = {}
+        self.activation: set[fx.Node] = set()
+        self.problems: list[UnsupportedNode] = []
+        self.inputs_seen = 0
+
+    def build(self, graph: fx.Graph) -> PathGraph:
+        for node in graph.nodes:
+            op = self._op(node)
+            if op is None:  # rejected: keep tracing what depends on it, to report every problem
+                self.activation.add(node)
+                op = PathOp(OpKind.IDENTITY, "unsupported")
+            self.index[node] = len(self.ops)
+            self.ops.append(op)
+        if self.problems:
+            raise UnsupportedModelError(tuple(self.problems))
+        return PathGraph(_with_releases(self.ops), self.input_shape)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _refs(self, value: Any) -> Any:
+        return fx.node.map_arg(value, lambda n: Ref(self.index[n]))
+
+    def _activations(self, node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if n in self.activation else None)
+        return found
+
+    def _label(self, node: fx.Node, what: str) -> str:
+        scope, kind = node.meta.get("pathmonitor_scope", ("", ""))
+        return f"{what} in {scope} ({kind})" if scope else what
+
+    def _reject(self, name: str, kind: str, reason: str) -> None:
+        self.problems.append(UnsupportedNode(name, kind, reason))
+
+    def _make(self, node: fx.Node, kind: OpKind, label: str, **fields) -> PathOp:
+        if kind is not OpKind.VALUE:
+            self.activation.add(node)
+        fields.setdefault("args", self._refs(node.args))
+        fields.setdefault("kwargs", self._refs(node.kwargs))
+        return PathOp(kind, label, **fields)
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def _op(self, node: fx.Node) -> Optional[PathOp]:
+        if node.op == "placeholder":
+            return self._placeholder(node)
+        if node.op == "get_attr":
+            return PathOp(OpKind.VALUE, f"attribute {node.target}", target=node.target)
+        if node.op == "output":
+            return PathOp(OpKind.OUTPUT, "output", args=self._refs(node.args))
+        if not self._activations(node):
+            return self._make(node, OpKind.VALUE, self._label(node, _function_name(node.target)), fn=self._callable(node))
+        if node.op == "call_module":
+            return self._module_op(node)
+        return self._function_op(node)
+
+    def _placeholder(self, node: fx.Node) -> Optional[PathOp]:
+        self.inputs_seen += 1
+        if self.inputs_seen == 1:
+            self.activation.add(node)
+            return PathOp(OpKind.INPUT, f"input {node.target}")
+        if node.args:  # an optional argument left at its default
+            return PathOp(OpKind.VALUE, f"default of {node.target}", fn=lambda value=node.args[0]: value)
+        self._reject(str(node.target), "input", "the model takes more than one input; path quantities need one")
+        return None
+
+    def _callable(self, node: fx.Node) -> Callable:
+        if node.op == "call_method":
+            return getattr(torch.Tensor, node.target)
+        if node.op == "call_module":
+            return self.model.get_submodule(node.target).forward
+        return node.target
+
+    def _module_op(self, node: fx.Node) -> Optional[PathOp]:
+        name = node.target
+        module = self.model.get_submodule(name)
+        kind = type(module).__name__
+        label = f"{name} ({kind})"
+        matched = next((cls for cls in _LEAF_TYPES if isinstance(module, cls)), None)
+        if matched is None:
+            self._reject(name, kind, "is not a supported layer (unknown leaf module)")
+            return None
+        if matched in KNOWN_UNSUPPORTED_MODULES:
+            self._reject(name, kind, KNOWN_UNSUPPORTED_MODULES[matched])
+            return None
+        if type(module).forward is not matched.forward:
+            self._reject(name, kind, f"subclasses {matched.__name__} but overrides forward, so its map is unknown")
+            return None
+        if isinstance(module, AFFINE_TYPES):
+            reason = unsupported_reason(module)
+            if reason is None and len(node.args) + len(node.kwargs) > 1:
+                reason = "is called with extra arguments (e.g. output_size); only the plain call is supported"
+            if reason:
+                self._reject(name, kind, reason)
+                return None
+            return self._make(node, OpKind.AFFINE, label, target=name, args=(Ref(self.index[node.args[0]]),), kwargs={})
+        if isinstance(module, POOL_TYPES):
+            if getattr(module, "return_indices", False):
+                self._reject(name, kind, "returns indices, which are not activations")
+                return None
+            return self._make(node, OpKind.POOL, label, pool=pool_from_module(module))
+        if isinstance(module, _IDENTITY_MODULES):
+            return self._make(node, OpKind.IDENTITY, label)
+        reason = _reindex_module_problem(module)
+        if reason:
+            self._reject(name, kind, reason)
+            return None
+        return self._make(node, OpKind.LINEAR, label, target=name, fn=module.forward)
+
+    def _function_op(self, node: fx.Node) -> Optional[PathOp]:
+        target = node.target
+        is_method = node.op == "call_method"
+        what = _function_name(target)
+        label = self._label(node, what)
+        name = _method_name(target) if is_method else None
+        if (name in _IDENTITY_METHODS) if is_method else (target in _IDENTITY_FUNCTIONS):
+            return self._make(node, OpKind.IDENTITY, label)
+        if (name in _SHAPE_METHODS) if is_method else (target is builtins.getattr):
+            return self._make(node, OpKind.VALUE, label, fn=self._callable(node))
+        if (name in _SUM_METHODS) if is_method else (target in _SUM_FUNCTIONS):
+            return self._sum(node, label, what)
+        if (name in _SCALE_METHODS) if is_method else (target in _SCALE_FUNCTIONS):
+            divides = _SCALE_METHODS[name] if is_method else _SCALE_FUNCTIONS[target]
+            return self._scale(node, label, what, divides)
+        if (name in _REINDEX_METHODS) if is_method else (target in _REINDEX_FUNCTIONS):
+            fn = getattr(torch.Tensor, name) if is_method else target
+            return self._make(node, OpKind.LINEAR, label, fn=fn)
+        if (name == "mean") if is_method else (target in _MEAN_FUNCTIONS):
+            return self._mean(node, label, what)
+        if not is_method and target in FUNCTIONAL_POOLS:
+            return self._functional_pool(node, label, what)
+        if not is_method and target is F.interpolate:
+            mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+            if mode in _NEAREST:
+                return self._make(node, OpKind.LINEAR, label, fn=target)
+            self._reject(self._scope_name(node), what, f"mode {mode!r} interpolates; only nearest upsampling is supported")
+            return None
+        if not is_method and target is F.pad:
+            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+            if mode != "constant" or not value:
+                return self._make(node, OpKind.LINEAR, label, fn=target)
+            self._reject(self._scope_name(node), what, "pads with a non-zero constant, a bias without a parameter")
+            return None
+        self._reject(self._scope_name(node), what, _function_reason(node, len(self._activations(node))))
+        return None
+
+    def _scope_name(self, node: fx.Node) -> str:
+        scope, kind = node.meta.get("pathmonitor_scope", ("", ""))
+        return f"{scope} ({kind})" if scope else "<model>"
+
+    def _sum(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
+        operands = list(node.args[:2])
+        alpha = node.kwargs.get("alpha", 1)
+        if len(operands) == 2 and all(a in self.activation for a in operands) and alpha in (1, -1):
+            refs = [Ref(self.index[a]) for a in operands]
+            return self._make(node, OpKind.LINEAR, label, fn=torch.add, args=tuple(refs), kwargs={})
+        self._reject(self._scope_name(node), what,
+                     "adds a constant to an activation (a bias without a parameter)" if alpha in (1, -1)
+                     else "adds with alpha other than +-1")
+        return None
+
+    def _scale(self, node: fx.Node, label: str, what: str, divides: bool) -> Optional[PathOp]:
+        operands = list(node.args[:2])
+        activations = [a for a in operands if a in self.activation]
+        if len(activations) == 2:
+            self._reject(self._scope_name(node), what, "multiplies two activations, outside the path model")
+            return None
+        constant = operands[1] if operands[0] in self.activation else operands[0]
+        if divides and operands[0] not in self.activation:
+            self._reject(self._scope_name(node), what, "divides by an activation, outside the path model")
+            return None
+        if isinstance(constant, fx.Node) and constant.op == "get_attr":
+            self._reject(self._scope_name(node), what, "multiplies by a tensor attribute; only constant numbers are supported")
+            return None
+        return self._make(node, OpKind.SCALE, label, fn=(lambda c: 1.0 / c) if divides else (lambda c: c),
+                          args=(Ref(self.index[activations[0]]), self._refs(constant)), kwargs={})
+
+    def _mean(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if isinstance(dim, fx.Node) or isinstance(keepdim, fx.Node) or "dtype" in node.kwargs:
+            self._reject(self._scope_name(node), what, "mean with computed dimensions or a dtype is not supported")
+            return None
+        dim = tuple(dim) if isinstance(dim, list) else dim
+        return self._make(node, OpKind.POOL, label, pool=MeanReduce(dim, bool(keepdim)),
+                          args=(Ref(self.index[node.args[0]]),), kwargs={})
+
+    def _functional_pool(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
+        cls, names = FUNCTIONAL_POOLS[node.target]
+        settings = dict(zip(names, node.args[1:]), **node.kwargs)
+        if any(isinstance(v, fx.Node) for v in settings.values()):
+            self._reject(self._scope_name(node), what, "pooling with computed arguments is not supported")
+            return None
+        if settings.get("return_indices"):
+            self._reject(self._scope_name(node), what, "returns indices, which are not activations")
+            return None
+        return self._make(node, OpKind.POOL, label, pool=pool_from_module(cls(**settings)),
+                          args=(Ref(self.index[node.args[0]]),), kwargs={})
+
+
+def _reindex_module_problem(module: nn.Module) -> Optional[str]:
+    if isinstance(module, nn.Upsample) and module.mode not in _NEAREST:
+        return f"mode {module.mode!r} interpolates; only nearest upsampling is supported"
+    if isinstance(module, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)) and module.value != 0:
+        return "pads with a non-zero constant, a bias without a parameter"
+    return None
+
+
+def _function_reason(node: fx.Node, activations: int) -> str:
+    if activations > 1:
+        return "combines activations in a way outside the path model"
+    return "is not a supported path operation"
+
+
+def _with_releases(ops: list[PathOp]) -> tuple[PathOp, ...]:
+    """Attach to every op the values whose last use it is, so the interpreter can free them."""
+    last_use: dict[int, int] = {}
+    for i, op in enumerate(ops):
+        fx.node.map_aggregate((op.args, op.kwargs), lambda v, i=i: last_use.__setitem__(v.index, i) if isinstance(v, Ref) else None)
+    releases: dict[int, list[int]] = {}
+    for value, user in last_use.items():
+        releases.setdefault(user, []).append(value)
+    return tuple(PathOp(op.kind, op.label, op.target, op.fn, op.args, op.kwargs, op.pool,
+                        tuple(sorted(releases.get(i, ())))) for i, op in enumerate(ops))
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module) -> tuple:
+    return tuple((name, id(m), type(m)) for name, m in model.named_modules())
+
+
+def capture(model: nn.Module, input_shape: tuple[int, ...]) -> PathGraph:
+    """The path graph of `model` for inputs of `input_shape`, traced once and cached per structure."""
+    per_model = _CACHE.setdefault(model, {})
+    structure = _structure(model)
+    cached = per_model.get(input_shape)
+    if cached is not None and cached[0] == structure:
+        return cached[1]
+    graph = _Builder(model, input_shape).build(_trace(model))
+    per_model[input_shape] = (structure, graph)
+    return graph
+
+
+def check_graph(model: nn.Module, input_shape: tuple[int, ...]) -> SupportReport:
+    """Every unsupported node of `model` (empty report when the model is supported)."""
+    try:
+        capture(model, input_shape)
+    except UnsupportedModelError as error:
+        return error.problems
+    return SupportReport(())

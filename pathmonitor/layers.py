@@ -1,0 +1,74 @@
+"""Affine layers of the path model: their edge weights, biases, and how they act (MATH.md section 1).
+
+A Linear, Conv or ConvTranspose layer contributes its weight as edge weights (a conv weight is shared
+by many edges; padding means missing edges) and its bias as neuron biases. A batch-norm layer, always
+with its running statistics, is the per-channel affine map y = a*x + c with a = gamma/sqrt(var+eps)
+and c = beta - mean*a.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+AFFINE_TYPES = (nn.Linear,) + CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS + BATCH_NORMS
+
+_TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def tensor_names(module: nn.Module) -> tuple[str, ...]:
+    """Names of the tensors of `module` that define its edge weights and biases."""
+    if isinstance(module, BATCH_NORMS):
+        return ("weight", "bias", "running_mean", "running_var")
+    return ("weight", "bias")
+
+
+def edge_parameters(module: nn.Module, tensors: Mapping[str, Optional[Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
+    """(edge weights, biases) of an affine module in float64; batch-norm is folded to (a, c)."""
+    weight, bias = tensors["weight"], tensors.get("bias")
+    if isinstance(module, BATCH_NORMS):
+        mean = tensors["running_mean"].to(torch.float64)
+        scale = torch.rsqrt(tensors["running_var"].to(torch.float64) + module.eps)
+        a = scale if weight is None else weight.to(torch.float64) * scale
+        c = -mean * a if bias is None else bias.to(torch.float64) - mean * a
+        return a, c
+    return weight.to(torch.float64), None if bias is None else bias.to(torch.float64)
+
+
+def apply_affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The module's own affine map with the given edge weights and biases in place of its parameters."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(module, CONVOLUTIONS):
+        return module._conv_forward(x, weight, bias)  # honours every padding_mode exactly as the module does
+    if isinstance(module, TRANSPOSED_CONVOLUTIONS):
+        transposed = _TRANSPOSED_FUNCTIONS[len(module.kernel_size)]
+        return transposed(x, weight, bias, module.stride, module.padding, module.output_padding,
+                          module.groups, module.dilation)
+    # batch-norm with unit variance and zero mean is exactly x * weight + bias, in one fused kernel
+    channels = weight.shape[0]
+    zeros = torch.zeros(channels, dtype=x.dtype, device=x.device)
+    ones = torch.ones(channels, dtype=x.dtype, device=x.device)
+    return F.batch_norm(x, zeros, ones, weight, bias, False, 0.0, 0.0)
+
+
+def bias_view(module: nn.Module, bias: Tensor, ndim: int) -> Tensor:
+    """`bias` shaped to broadcast against the module's output of `ndim` dimensions."""
+    if isinstance(module, nn.Linear):
+        return bias.view(*([1] * (ndim - 1)), -1)
+    return bias.view(1, -1, *([1] * (ndim - 2)))
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why an affine module cannot be evaluated as a path op, or None if it can."""
+    if isinstance(module, BATCH_NORMS) and (module.running_mean is None or module.running_var is None):
+        return ("batch-norm without running statistics (track_running_stats=False) normalizes by "
+                "batch statistics, which is not an affine map of the frozen network")
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy module with uninitialized parameters: run one forward pass first"
+    return None

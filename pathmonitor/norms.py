@@ -1,0 +1,91 @@
+"""Path-norms ||Phi(theta)||_q of a model, exact, in one pass of the |theta|^q network (MATH.md section 2)."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .engine import Scaled, evaluate
+from .errors import PathComputationError, SupportReport, UnsupportedNode
+from .graph import capture, check_graph
+from .sources import MetaSource, ModuleSource, PowerMagnitudes
+
+_LOG_FLOAT64_MAX = math.log(torch.finfo(torch.float64).max)
+
+
+class PathNormOverflowWarning(RuntimeWarning):
+    """The path-norm exceeds the float64 range; its logarithm is still exact."""
+
+
+def validated_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """`input_shape` as a tuple of positive ints (one input, without the batch dimension)."""
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be a sequence of ints such as (3, 224, 224), got {input_shape!r}") from None
+    if not shape or any(s <= 0 for s in shape) or any(int(s) != s for s in input_shape):
+        raise ValueError(f"input_shape must be positive ints without the batch dimension, got {input_shape!r}")
+    return shape
+
+
+def validated_q(q: float) -> float:
+    if not (isinstance(q, (int, float)) and math.isfinite(q) and q >= 1):
+        raise ValueError(f"q must be a finite number >= 1 (the exponent of the Lq path-norm), got {q!r}")
+    return float(q)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's module inside a DistributedDataParallel wrapper."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def sum_of_powers(model: nn.Module, input_shape: Sequence[int], q: float, *, log_scaled: bool) -> Scaled:
+    """sum_p |Phi_p(theta)|^q, as Scaled(value, log_scale)."""
+    model, shape, q = unwrapped(model), validated_input_shape(input_shape), validated_q(q)
+    graph = capture(model, shape)
+    return evaluate(graph, model, PowerMagnitudes(ModuleSource(), q), q, log_scaled=log_scaled)
+
+
+def log_path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> Tensor:
+    """log ||Phi(theta)||_q, computed with running log-scales so that it never overflows (MATH.md §2)."""
+    total = sum_of_powers(model, input_shape, q, log_scaled=True)
+    return (torch.log(total.value) + total.log_scale) / q
+
+
+def path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> Tensor:
+    """||Phi(theta)||_q = (sum of the outputs of the |theta|^q network on ones)^(1/q) (MATH.md §2).
+
+    A 0-dim float64 tensor, differentiable with respect to the model's parameters when autograd is on.
+    Batch-norm layers always use their running statistics. Returns inf, with a warning, only when the
+    true value exceeds float64; `log_path_norm` gives its exact logarithm.
+    """
+    total = sum_of_powers(model, input_shape, q, log_scaled=False).value
+    if bool(torch.isfinite(total)):
+        return total if q == 1 else total ** (1.0 / q)
+    log_norm = log_path_norm(model, input_shape, q)
+    if float(log_norm) > _LOG_FLOAT64_MAX:
+        warnings.warn(f"the L{q:g} path-norm is exp({float(log_norm):.6g}), beyond float64; returning inf. "
+                      f"Use pathmonitor.log_path_norm for its exact logarithm.", PathNormOverflowWarning, stacklevel=2)
+    return torch.exp(log_norm)
+
+
+def check_support(model: nn.Module, input_shape: Sequence[int]) -> SupportReport:
+    """Every operation of `model` outside the path model, and any failure on `input_shape` (MATH.md §1).
+
+    Empty when the model is supported. Costs one symbolic trace and one shape-only (meta) pass.
+    """
+    model, shape = unwrapped(model), validated_input_shape(input_shape)
+    report = check_graph(model, shape)
+    if report:
+        return report
+    try:
+        evaluate(capture(model, shape), model, PowerMagnitudes(MetaSource(), 1.0), 1.0,
+                 log_scaled=False, device=torch.device("meta"))
+    except PathComputationError as error:
+        return SupportReport((UnsupportedNode("<model>", type(model).__name__, str(error)),))
+    return SupportReport(())

@@ -1,0 +1,165 @@
+"""Pooling and averaging in the |theta|^q network (MATH.md section 1).
+
+A max-pool neuron has an edge of weight 1 from every position of its window, so in the |theta|^q
+network it becomes a SUM over the same window (padding contributes nothing; ceil_mode partial windows
+simply have fewer edges). An average-pool neuron is an identity neuron whose edges weigh 1/divisor,
+with the divisor of its own window; in the |theta|^q network they weigh (1/divisor)^q. Both are
+written as  average(x) * divisor**exponent  with exponent 1 for max and 1 - q for average.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Reduce = Literal["max", "avg"]
+
+_MAX_POOLS = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_AVG_POOLS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_ADAPTIVE_MAX_POOLS = {1: nn.AdaptiveMaxPool1d, 2: nn.AdaptiveMaxPool2d, 3: nn.AdaptiveMaxPool3d}
+_ADAPTIVE_AVG_POOLS = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+POOL_TYPES = tuple(_MAX_POOLS.values()) + tuple(_AVG_POOLS.values()) + tuple(
+    _ADAPTIVE_MAX_POOLS.values()) + tuple(_ADAPTIVE_AVG_POOLS.values())
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_MAX_POOL_FUNCTIONS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL_FUNCTIONS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_ADAPTIVE_AVG_FUNCTIONS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+# Positional parameter names of the functional forms, after the input, so that a call can be turned
+# into the equivalent module (whose constructor normalizes defaults such as stride=None).
+FUNCTIONAL_POOLS = {
+    **{F.max_pool1d: (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+       F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+       F.max_pool3d: (nn.MaxPool3d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+       F.avg_pool1d: (nn.AvgPool1d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
+       F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                     "divisor_override")),
+       F.avg_pool3d: (nn.AvgPool3d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                     "divisor_override"))},
+    **{fn: (_ADAPTIVE_MAX_POOLS[n], ("output_size", "return_indices"))
+       for n, fn in {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}.items()},
+    **{fn: (_ADAPTIVE_AVG_POOLS[n], ("output_size",)) for n, fn in _ADAPTIVE_AVG_FUNCTIONS.items()},
+}
+
+
+def _tuple(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+@dataclass(frozen=True)
+class WindowPool:
+    """MaxPoolNd / AvgPoolNd: fixed windows."""
+
+    reduce: Reduce
+    dims: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+    count_include_pad: bool
+    divisor_override: Optional[int]
+
+    @property
+    def largest_window(self) -> int:
+        return math.prod(self.kernel_size)
+
+    def magnitudes(self, x: Tensor, q: float) -> Tensor:
+        if self.reduce == "max":
+            return self._window_sum(x)
+        average = _AVG_POOL_FUNCTIONS[self.dims](x, *self._avg_arguments())
+        if q == 1:
+            return average
+        ones = torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
+        divisor = self._window_sum(ones) / _AVG_POOL_FUNCTIONS[self.dims](ones, *self._avg_arguments())
+        return average * divisor ** (1 - q)
+
+    def _avg_arguments(self) -> tuple:
+        arguments = (self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+        return arguments if self.dims == 1 else arguments + (self.divisor_override,)
+
+    def _window_sum(self, x: Tensor) -> Tensor:
+        """Sum over each window of real (unpadded) positions, with max-pool windowing rules."""
+        spatial = tuple(x.shape[2:])
+        out_shape = _MAX_POOL_FUNCTIONS[self.dims](
+            torch.empty(tuple(x.shape[:2]) + spatial, device="meta"), self.kernel_size, self.stride,
+            self.padding, self.dilation, self.ceil_mode).shape[2:]
+        pad = []
+        for size, out, k, s, p, d in reversed(list(zip(spatial, out_shape, self.kernel_size, self.stride,
+                                                         self.padding, self.dilation))):
+            needed = (out - 1) * s + d * (k - 1) + 1
+            pad += [p, needed - size - p]  # a negative right pad crops positions no window reaches
+        channels = x.shape[1]
+        ones = torch.ones((channels, 1) + self.kernel_size, dtype=x.dtype, device=x.device)
+        return _CONV[self.dims](F.pad(x, pad), ones, None, self.stride, 0, self.dilation, channels)
+
+
+@dataclass(frozen=True)
+class AdaptivePool:
+    """AdaptiveMaxPoolNd / AdaptiveAvgPoolNd: window i spans [floor(i*L/o), ceil((i+1)*L/o))."""
+
+    reduce: Reduce
+    dims: int
+    output_size: tuple[Optional[int], ...]
+
+    def magnitudes(self, x: Tensor, q: float) -> Tensor:
+        average = _ADAPTIVE_AVG_FUNCTIONS[self.dims](x, self.output_size)
+        exponent = 1 if self.reduce == "max" else 1 - q
+        if exponent == 0:
+            return average
+        return average * self.divisors(tuple(x.shape[2:]), x) ** exponent
+
+    def windows(self, spatial: tuple[int, ...]) -> list[list[int]]:
+        """Window lengths per spatial dimension."""
+        lengths = []
+        for size, out in zip(spatial, self.output_size):
+            out = size if out is None else out
+            lengths.append([-((-(i + 1) * size) // out) - (i * size) // out for i in range(out)])
+        return lengths
+
+    def divisors(self, spatial: tuple[int, ...], like: Tensor) -> Tensor:
+        divisor = torch.ones((), dtype=like.dtype, device=like.device)
+        for axis, lengths in enumerate(self.windows(spatial)):
+            shape = [1] * len(spatial)
+            shape[axis] = len(lengths)
+            divisor = divisor * torch.tensor(lengths, dtype=like.dtype, device=like.device).view(shape)
+        return divisor
+
+
+@dataclass(frozen=True)
+class MeanReduce:
+    """Tensor.mean over dimensions: edges of weight 1/N."""
+
+    dim: Optional[Union[int, tuple[int, ...]]]
+    keepdim: bool
+
+    def magnitudes(self, x: Tensor, q: float) -> Tensor:
+        average = x.mean() if self.dim is None else x.mean(self.dim, self.keepdim)
+        return average if q == 1 else average * (x.numel() // average.numel()) ** (1 - q)
+
+
+Pool = Union[WindowPool, AdaptivePool, MeanReduce]
+
+
+def pool_from_module(module: nn.Module) -> Pool:
+    """The pool spec of a pooling module (its return_indices is checked by the caller)."""
+    for dims, cls in _MAX_POOLS.items():
+        if isinstance(module, cls):
+            return WindowPool("max", dims, _tuple(module.kernel_size, dims), _tuple(module.stride, dims),
+                              _tuple(module.padding, dims), _tuple(module.dilation, dims),
+                              bool(module.ceil_mode), True, None)
+    for dims, cls in _AVG_POOLS.items():
+        if isinstance(module, cls):
+            return WindowPool("avg", dims, _tuple(module.kernel_size, dims), _tuple(module.stride, dims),
+                              _tuple(module.padding, dims), (1,) * dims, bool(module.ceil_mode),
+                              bool(module.count_include_pad), getattr(module, "divisor_override", None))
+    for reduce, table in (("max", _ADAPTIVE_MAX_POOLS), ("avg", _ADAPTIVE_AVG_POOLS)):
+        for dims, cls in table.items():
+            if isinstance(module, cls):
+                return AdaptivePool(reduce, dims, _tuple(module.output_size, dims))
+    raise TypeError(f"{type(module).__name__} is not a pooling module")
