@@ -136,7 +136,8 @@ class _ScopedTracer(fx.Tracer):
         scope = (self.path_of_module(m), type(m).__name__)
         self._scopes.append(scope)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            # m.forward, not the wrapped __call__: the user's hooks must not see tracing proxies
+            return super().call_module(m, m.forward, args, kwargs)
         except Exception:
             self.failed_in = self.failed_in or scope
             raise

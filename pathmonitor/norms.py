@@ -24,7 +24,7 @@ def validated_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     """`input_shape` as a tuple of positive ints (one input, without the batch dimension)."""
     try:
         shape = tuple(int(s) for s in input_shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"input_shape must be a sequence of ints such as (3, 224, 224), got {input_shape!r}") from None
     if not shape or any(s <= 0 for s in shape) or any(int(s) != s for s in input_shape):
         raise ValueError(f"input_shape must be positive ints without the batch dimension, got {input_shape!r}")

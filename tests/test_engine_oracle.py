@@ -1,0 +1,51 @@
+"""The engine against the explicit-DAG oracle, for every supported op (MATH.md sections 1-2)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pathmonitor as pm
+from nets import ORACLE_NETS, make
+from oracle import Fn, enumerated_path_sum, neuron_dag, path_sum
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", sorted(ORACLE_NETS))
+def test_engine_matches_explicit_path_sums(name, seed):
+    net, shape = make(name, seed)
+    dag = neuron_dag(net, shape)
+    for q in (1, 2, 3):
+        expected = path_sum(dag, q)
+        with torch.no_grad():
+            norm = pm.path_norm(net, shape, q=q)
+            log_norm = pm.log_path_norm(net, shape, q=q)
+        assert norm.dtype == torch.float64 and norm.dim() == 0
+        assert float(norm) ** q == pytest.approx(expected, rel=1e-9), f"{name} q={q}"
+        assert q * float(log_norm) == pytest.approx(math.log(expected), rel=1e-9, abs=1e-12), f"{name} q={q}"
+
+
+def test_dynamic_programming_oracle_equals_literal_path_enumeration():
+    net, shape = make("tiny_residual", 3)
+    dag = neuron_dag(net, shape)
+    for q in (1, 2, 3):
+        assert enumerated_path_sum(dag, q) == pytest.approx(path_sum(dag, q), rel=1e-12)
+        assert float(pm.path_norm(net, shape, q=q).detach()) ** q == pytest.approx(enumerated_path_sum(dag, q), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes_count_each_kernel_entry_as_its_own_edge(mode):
+    torch.manual_seed(0)
+    built_in = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode), nn.ReLU(), nn.Conv2d(3, 1, 2))
+    explicit = nn.Sequential(Fn(lambda x: F.pad(x, (1, 1, 1, 1), mode=mode)), nn.Conv2d(2, 3, 3), nn.ReLU(),
+                             nn.Conv2d(3, 1, 2))
+    explicit.load_state_dict({k.replace("0.", "1.", 1) if k.startswith("0.") else k.replace("2.", "3.", 1): v
+                              for k, v in built_in.state_dict().items()})
+    expected = path_sum(neuron_dag(explicit, (2, 4, 5)), 2)
+    assert float(pm.path_norm(built_in, (2, 4, 5), q=2)) ** 2 == pytest.approx(expected, rel=1e-9)
+
+
+def test_value_depends_on_input_resolution():
+    net, _ = make("conv_pool_chain", 0)
+    assert float(pm.path_norm(net, (2, 9, 11))) != pytest.approx(float(pm.path_norm(net, (2, 12, 12))), rel=1e-3)
