@@ -29,7 +29,10 @@ def tensor_names(module: nn.Module) -> tuple[str, ...]:
 
 
 def edge_parameters(module: nn.Module, tensors: Mapping[str, Optional[Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
-    """(edge weights, biases) of an affine module in float64; batch-norm is folded to (a, c)."""
+    """Signed (edge weights, biases) of an affine module; batch-norm is folded to (a, c) in float64.
+
+    Linear and conv tensors keep their stored dtype: callers take magnitudes before widening to
+    float64, which halves the memory traffic of the conversion."""
     weight, bias = tensors["weight"], tensors.get("bias")
     if isinstance(module, BATCH_NORMS):
         mean = tensors["running_mean"].to(torch.float64)
@@ -37,7 +40,7 @@ def edge_parameters(module: nn.Module, tensors: Mapping[str, Optional[Tensor]]) 
         a = scale if weight is None else weight.to(torch.float64) * scale
         c = -mean * a if bias is None else bias.to(torch.float64) - mean * a
         return a, c
-    return weight.to(torch.float64), None if bias is None else bias.to(torch.float64)
+    return weight, bias
 
 
 def apply_affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

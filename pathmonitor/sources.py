@@ -61,7 +61,8 @@ class PowerMagnitudes:
     def _power(self, t: Optional[Tensor]) -> Optional[Tensor]:
         if t is None:
             return None
-        return t.abs() if self.q == 1 else t.abs().pow(self.q)
+        magnitude = t.abs().to(torch.float64)
+        return magnitude if self.q == 1 else magnitude.pow(self.q)
 
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
