@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .engine import Scaled, evaluate
 from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import capture, check_graph
-from .sources import MetaSource, ModuleSource, PowerMagnitudes
+from .sources import MetaSource, ModuleSource, ParameterEdges, PowerMagnitudes
 
 _LOG_FLOAT64_MAX = math.log(torch.finfo(torch.float64).max)
 
@@ -48,7 +48,7 @@ def sum_of_powers(model: nn.Module, input_shape: Sequence[int], q: float, *, log
     """sum_p |Phi_p(theta)|^q, as Scaled(value, log_scale)."""
     model, shape, q = unwrapped(model), validated_input_shape(input_shape), validated_q(q)
     graph = capture(model, shape)
-    return evaluate(graph, model, PowerMagnitudes(ModuleSource(), q), q, log_scaled=log_scaled)
+    return evaluate(graph, model, PowerMagnitudes(ParameterEdges(ModuleSource(model)), q), q, log_scaled=log_scaled)
 
 
 def log_path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> Tensor:
@@ -84,7 +84,7 @@ def check_support(model: nn.Module, input_shape: Sequence[int]) -> SupportReport
     if report:
         return report
     try:
-        evaluate(capture(model, shape), model, PowerMagnitudes(MetaSource(), 1.0), 1.0,
+        evaluate(capture(model, shape), model, PowerMagnitudes(ParameterEdges(MetaSource())), 1.0,
                  log_scaled=False, device=torch.device("meta"))
     except PathComputationError as error:
         return SupportReport((UnsupportedNode("<model>", type(model).__name__, str(error)),))

@@ -1,13 +1,17 @@
 """Where the engine gets edge weights from (DESIGN.md layer 4).
 
-A `ParameterSource` hands out the full tensors of one module at a time, inside a context, so that a
-sharded source (DeepSpeed ZeRO-3, FSDP2) can gather a module's parameters and free them right after.
-`EdgeMagnitudes` turn those tensors into the non-negative edge weights of the |theta|^q network.
+Three small layers, each with one job:
+- a `ParameterSource` hands out the full raw tensors of one module at a time, inside a context, so that
+  a sharded source (DeepSpeed ZeRO-3, FSDP2) can gather a module's parameters and free them right after;
+- an `EdgeSource` turns them into the signed edge weights and biases of the path model (batch-norm
+  folded), possibly combining two networks (the sign split of MATH.md section 3);
+- an `EdgeMagnitudes` turns those into the non-negative weights of the network the engine evaluates:
+  |theta|^q for path-norms, max/min envelopes for path-metrics, gradient-tracking leaves for scores.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping, Optional, Protocol
+from typing import Callable, Iterator, Mapping, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -15,20 +19,51 @@ from torch import Tensor, nn
 from .layers import edge_parameters, tensor_names
 
 Tensors = Mapping[str, Optional[Tensor]]
+Edges = tuple[Tensor, Optional[Tensor]]
 
 
 class ParameterSource(Protocol):
     def tensors(self, name: str, module: nn.Module) -> contextlib.AbstractContextManager[Tensors]:
-        """Full tensors named by `layers.tensor_names(module)` of the module called `name`."""
+        """Full tensors named by `layers.tensor_names(module)` for the module called `name`."""
 
 
 class ModuleSource:
-    """The module's own tensors, as they are in memory (single process, DDP, ZeRO-1/2)."""
+    """The tensors of the module called `name` inside `root`, as they are in memory."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
 
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
+        try:
+            own = self.root.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the other network has no module {name!r} ({type(module).__name__})") from None
+        if type(own) is not type(module):
+            raise ValueError(f"module {name!r} is a {type(own).__name__} in the other network, "
+                             f"a {type(module).__name__} in the model")
         # getattr, not named_parameters: a parametrized or pruned module exposes its effective weight
-        yield {key: getattr(module, key, None) for key in tensor_names(module)}
+        yield {key: getattr(own, key, None) for key in tensor_names(module)}
+
+
+class StateDictSource:
+    """Tensors read from a state dict with the model's qualified names."""
+
+    def __init__(self, state_dict: Mapping[str, Tensor]):
+        self.state_dict = state_dict
+
+    @contextlib.contextmanager
+    def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
+        found = {}
+        for key in tensor_names(module):
+            full = f"{name}.{key}"
+            if full in self.state_dict:
+                found[key] = self.state_dict[full]
+            elif getattr(module, key, None) is not None:
+                raise ValueError(f"the state dict has no entry {full!r} for module {name!r} ({type(module).__name__})")
+            else:
+                found[key] = None
+        yield found
 
 
 class MetaSource:
@@ -37,35 +72,125 @@ class MetaSource:
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
         found = {key: getattr(module, key, None) for key in tensor_names(module)}
-        yield {key: None if t is None else torch.empty(_full_shape(t), dtype=torch.float64, device="meta")
+        yield {key: None if t is None else torch.empty(tuple(getattr(t, "ds_shape", t.shape)),
+                                                          dtype=torch.float64, device="meta")
                for key, t in found.items()}
 
 
-def _full_shape(tensor: Tensor) -> tuple[int, ...]:
-    """The shape of the whole parameter, also when only a shard is held locally (ZeRO-3: ds_shape)."""
-    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+class TransformedSource:
+    """Another source with `transform` applied to every weight and bias (running statistics untouched),
+    e.g. a quantizer; nothing is copied beyond the module being read."""
+
+    def __init__(self, source: ParameterSource, transform: Callable[[Tensor], Tensor]):
+        self.source = source
+        self.transform = transform
+
+    @contextlib.contextmanager
+    def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
+        with self.source.tensors(name, module) as tensors:
+            yield {key: t if t is None or key.startswith("running_") else self.transform(t)
+                   for key, t in tensors.items()}
+
+
+class EdgeSource(Protocol):
+    def edges(self, name: str, module: nn.Module) -> contextlib.AbstractContextManager[Edges]:
+        """Signed (edge weights, biases) of the affine module `name` (MATH.md section 1)."""
+
+
+class ParameterEdges:
+    """The edges of one network, from its parameter source."""
+
+    def __init__(self, source: ParameterSource):
+        self.source = source
+
+    @contextlib.contextmanager
+    def edges(self, name: str, module: nn.Module) -> Iterator[Edges]:
+        with self.source.tensors(name, module) as tensors:
+            yield edge_parameters(module, tensors)
+
+
+def _check_same_layout(name: str, a: Optional[Tensor], b: Optional[Tensor]) -> None:
+    if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+        describe = lambda t: "none" if t is None else tuple(t.shape)  # noqa: E731
+        raise ValueError(f"module {name!r} differs between the two networks: {describe(a)} vs {describe(b)}")
+
+
+class SignSplitEdges:
+    """theta with every coordinate whose sign differs from theta' set to zero (MATH.md section 3)."""
+
+    def __init__(self, first: EdgeSource, second: EdgeSource):
+        self.first, self.second = first, second
+
+    @contextlib.contextmanager
+    def edges(self, name: str, module: nn.Module) -> Iterator[Edges]:
+        with self.first.edges(name, module) as a, self.second.edges(name, module) as b:
+            split = []
+            for x, y in zip(a, b):
+                _check_same_layout(name, x, y)
+                split.append(None if x is None else torch.where(x * y.to(x.dtype) < 0, torch.zeros_like(x), x))
+            yield tuple(split)
+
+
+def _magnitude(t: Optional[Tensor], q: float = 1.0) -> Optional[Tensor]:
+    if t is None:
+        return None
+    # abs before widening: half the memory traffic of widening first
+    magnitude = t.abs().to(torch.float64)
+    return magnitude if q == 1 else magnitude.pow(q)
 
 
 class EdgeMagnitudes(Protocol):
-    def affine(self, name: str, module: nn.Module) -> contextlib.AbstractContextManager[tuple[Tensor, Optional[Tensor]]]:
-        """Non-negative float64 (edge weights, biases) of the affine module `name` in the |theta|^q network."""
+    def affine(self, name: str, module: nn.Module) -> contextlib.AbstractContextManager[Edges]:
+        """Non-negative float64 (edge weights, biases) of the affine module `name`."""
 
 
 class PowerMagnitudes:
-    """|w|^q and |b|^q of one parameter source: the |theta|^q network of MATH.md section 2."""
+    """|w|^q and |b|^q: the network whose output sum is ||Phi(theta)||_q^q (MATH.md section 2)."""
 
-    def __init__(self, source: ParameterSource, q: float):
-        self.source = source
+    def __init__(self, edges: EdgeSource, q: float = 1.0):
+        self.edges_source = edges
         self.q = q
 
-    def _power(self, t: Optional[Tensor]) -> Optional[Tensor]:
-        if t is None:
-            return None
-        magnitude = t.abs().to(torch.float64)
-        return magnitude if self.q == 1 else magnitude.pow(self.q)
+    @contextlib.contextmanager
+    def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
+        with self.edges_source.edges(name, module) as (weight, bias):
+            yield _magnitude(weight, self.q), _magnitude(bias, self.q)
+
+
+class EnvelopeMagnitudes:
+    """reduce(|theta|, |theta'|) coordinate-wise, reduce being torch.maximum or torch.minimum (MATH.md §3)."""
+
+    def __init__(self, first: EdgeSource, second: EdgeSource, reduce: Callable[[Tensor, Tensor], Tensor]):
+        self.first, self.second, self.reduce = first, second, reduce
 
     @contextlib.contextmanager
-    def affine(self, name: str, module: nn.Module) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
-        with self.source.tensors(name, module) as tensors:
-            weight, bias = edge_parameters(module, tensors)
-            yield self._power(weight), self._power(bias)
+    def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
+        with self.first.edges(name, module) as a, self.second.edges(name, module) as b:
+            combined = []
+            for x, y in zip(a, b):
+                _check_same_layout(name, x, y)
+                combined.append(None if x is None else self.reduce(_magnitude(x), _magnitude(y)))
+            yield tuple(combined)
+
+
+class ScoringMagnitudes:
+    """|theta| with the weights of `selected` modules as float64 leaves that record gradients (MATH.md §4).
+
+    A leaf is created once per module and reused, so a second pass (or a second call of a shared
+    module) accumulates into the same gradient."""
+
+    def __init__(self, edges: EdgeSource, selected: set[str]):
+        self.edges_source = edges
+        self.selected = selected
+        self.leaves: dict[str, Tensor] = {}
+
+    @contextlib.contextmanager
+    def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
+        with self.edges_source.edges(name, module) as (weight, bias):
+            if name in self.selected:
+                if name not in self.leaves:
+                    self.leaves[name] = _magnitude(weight.detach()).requires_grad_(True)
+                yield self.leaves[name], _magnitude(bias.detach() if bias is not None else None)
+            else:
+                yield _magnitude(weight.detach()), _magnitude(bias.detach() if bias is not None else None)
+
