@@ -75,10 +75,8 @@ class Interpreter:
     # -- argument resolution ---------------------------------------------------------------
     def _resolve(self, op: PathOp, values: list[Any]) -> tuple[tuple, dict, float]:
         """Arguments with activations brought to one common log-scale, and that scale."""
-        scales: list[float] = []
-        fx.node.map_aggregate((op.args, op.kwargs), lambda v: scales.append(values[v.index].log_scale)
-                              if isinstance(v, Ref) and isinstance(values[v.index], Scaled) else None)
-        common = max(scales) if scales else 0.0
+        common = max((values[ref.index].log_scale for ref in op.refs() if isinstance(values[ref.index], Scaled)),
+                     default=0.0)
 
         def value_of(v: Any) -> Any:
             if not isinstance(v, Ref):
@@ -141,9 +139,7 @@ class Interpreter:
             return Scaled(out, new_scale)
 
     def _total(self, op: PathOp, values: list[Any]) -> Scaled:
-        leaves: list[Scaled] = []
-        fx.node.map_aggregate(op.args, lambda v: leaves.append(values[v.index])
-                              if isinstance(v, Ref) and isinstance(values[v.index], Scaled) else None)
+        leaves = [values[ref.index] for ref in op.refs() if isinstance(values[ref.index], Scaled)]
         sums: list[tuple[Tensor, float]] = []
         for leaf in leaves:
             _map_tensors(leaf.value, lambda t: sums.append((t.sum(), leaf.log_scale)))

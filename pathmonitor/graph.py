@@ -52,6 +52,12 @@ class PathOp:
     pool: Optional[Pool] = None
     release: tuple[int, ...] = ()  # values whose last use is this op
 
+    def refs(self) -> list[Ref]:
+        """The ops whose values this op reads."""
+        found: list[Ref] = []
+        fx.node.map_aggregate((self.args, self.kwargs), lambda v: found.append(v) if isinstance(v, Ref) else None)
+        return found
+
 
 @dataclass(frozen=True)
 class PathGraph:
@@ -399,12 +405,21 @@ def _with_releases(ops: list[PathOp]) -> tuple[PathOp, ...]:
     """Attach to every op the values whose last use it is, so the interpreter can free them."""
     last_use: dict[int, int] = {}
     for i, op in enumerate(ops):
-        fx.node.map_aggregate((op.args, op.kwargs), lambda v, i=i: last_use.__setitem__(v.index, i) if isinstance(v, Ref) else None)
+        for ref in op.refs():
+            last_use[ref.index] = i
     releases: dict[int, list[int]] = {}
     for value, user in last_use.items():
         releases.setdefault(user, []).append(value)
     return tuple(PathOp(op.kind, op.label, op.target, op.fn, op.args, op.kwargs, op.pool,
                         tuple(sorted(releases.get(i, ())))) for i, op in enumerate(ops))
+
+
+def longest_path(graph: PathGraph, weight: Callable[[PathOp], int]) -> int:
+    """The largest sum of `weight` over the ops of one input-to-output path of the graph."""
+    best: list[int] = []
+    for op in graph.ops:
+        best.append(max((best[ref.index] for ref in op.refs()), default=0) + weight(op))
+    return best[-1]
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -424,6 +439,11 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> PathGraph:
     graph = _Builder(model, input_shape).build(_trace(model))
     per_model[input_shape] = (structure, graph)
     return graph
+
+
+def topology(model: nn.Module) -> PathGraph:
+    """The path graph of `model` for structural questions only; it carries no input shape."""
+    return capture(model, ())
 
 
 def check_graph(model: nn.Module, input_shape: tuple[int, ...]) -> SupportReport:

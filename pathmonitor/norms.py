@@ -11,10 +11,8 @@ from torch import Tensor, nn
 from .engine import Scaled, evaluate
 from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import capture, check_graph
+from .logmath import exceeds_float64
 from .sources import MetaSource, ModuleSource, ParameterEdges, PowerMagnitudes
-
-_LOG_FLOAT64_MAX = math.log(torch.finfo(torch.float64).max)
-
 
 class PathNormOverflowWarning(RuntimeWarning):
     """The path-norm exceeds the float64 range; its logarithm is still exact."""
@@ -68,7 +66,7 @@ def path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> T
     if bool(torch.isfinite(total)):
         return total if q == 1 else total ** (1.0 / q)
     log_norm = log_path_norm(model, input_shape, q)
-    if float(log_norm) > _LOG_FLOAT64_MAX:
+    if exceeds_float64(float(log_norm)):
         warnings.warn(f"the L{q:g} path-norm is exp({float(log_norm):.6g}), beyond float64; returning inf. "
                       f"Use pathmonitor.log_path_norm for its exact logarithm.", PathNormOverflowWarning, stacklevel=2)
     return torch.exp(log_norm)

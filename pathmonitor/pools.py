@@ -65,8 +65,8 @@ class WindowPool:
     count_include_pad: bool
     divisor_override: Optional[int]
 
-    @property
-    def largest_window(self) -> int:
+    def largest_window(self, spatial: tuple[int, ...]) -> int:
+        """Number of positions in the largest window."""
         return math.prod(self.kernel_size)
 
     def magnitudes(self, x: Tensor, q: float) -> Tensor:
@@ -113,6 +113,10 @@ class AdaptivePool:
         if exponent == 0:
             return average
         return average * self.divisors(tuple(x.shape[2:]), x) ** exponent
+
+    def largest_window(self, spatial: tuple[int, ...]) -> int:
+        """Number of positions in the largest window."""
+        return math.prod(max(lengths) for lengths in self.windows(spatial))
 
     def windows(self, spatial: tuple[int, ...]) -> list[list[int]]:
         """Window lengths per spatial dimension."""

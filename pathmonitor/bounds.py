@@ -1,0 +1,129 @@
+"""The generalization bound of the path-norm toolkit (MATH.md section 5).
+
+    gap <= L_loss * ||Phi(theta)||_1 * 4 * C * B / sqrt(n)
+    C       = sqrt( D*ln((3+2P)*K) + ln( (3+2P)/(1+P) * (d_in+1) * d_out ) )
+    C_sharp = sqrt( D*ln 3 + M*ln K + ln((d_in+1) * d_out) )
+The architecture constants D, K, P, M, d_in, d_out are derived from the captured graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .engine import Interpreter, Scaled
+from .graph import OpKind, PathGraph, PathOp, capture, longest_path
+from .layers import BATCH_NORMS
+from .logmath import exp_or_inf
+from .norms import log_path_norm, unwrapped, validated_input_shape
+from .pools import AdaptivePool, WindowPool
+from .sources import MetaSource, ParameterEdges, PowerMagnitudes
+
+
+@dataclass(frozen=True)
+class GeneralizationBound:
+    """value = loss_lipschitz * path_norm * first_part, first_part = 4*C*B/sqrt(n) (MATH.md section 5)."""
+
+    value: float
+    first_part: float
+    path_norm: float
+    depth: int
+    max_pool_kernel: int
+    max_pool_kinds: int
+    max_pools_per_path: int
+    d_in: int
+    d_out: int
+    log_value: float
+    sharpened: bool
+
+
+def _is_max_pool(op: PathOp) -> bool:
+    return op.kind is OpKind.POOL and isinstance(op.pool, (WindowPool, AdaptivePool)) and op.pool.reduce == "max"
+
+
+class _ShapeRecorder(Interpreter):
+    """A shape-only (meta) pass that records the largest max-pool window and the output size."""
+
+    largest_window = 1
+    output_size = 0
+
+    def _evaluate(self, op: PathOp, values: list[Any]) -> Any:
+        if _is_max_pool(op):
+            spatial = tuple(values[op.args[0].index].value.shape[2:])
+            self.largest_window = max(self.largest_window, op.pool.largest_window(spatial))
+        if op.kind is OpKind.OUTPUT:
+            for ref in op.refs():
+                held = values[ref.index]
+                if isinstance(held, Scaled):
+                    leaves = held.value if isinstance(held.value, (tuple, list)) else (held.value,)
+                    self.output_size += sum(t.numel() for t in leaves)
+        return super()._evaluate(op, values)
+
+
+@dataclass(frozen=True)
+class ArchitectureConstants:
+    depth: int
+    max_pool_kernel: int
+    max_pool_kinds: int
+    max_pools_per_path: int
+    d_in: int
+    d_out: int
+
+
+def architecture_constants(graph: PathGraph, model: nn.Module) -> ArchitectureConstants:
+    """D, K, P, M, d_in, d_out of MATH.md section 5, read off the graph and one meta pass.
+
+    P counts the distinct k of k-max-pooling neurons; PyTorch's max-pools are all k = 1."""
+    recorder = _ShapeRecorder(graph, model, PowerMagnitudes(ParameterEdges(MetaSource())), 1.0, False,
+                              torch.device("meta"))
+    recorder.run()
+
+    def is_weight_layer(op: PathOp) -> int:
+        return int(op.kind is OpKind.AFFINE and not isinstance(model.get_submodule(op.target), BATCH_NORMS))
+
+    pools_per_path = longest_path(graph, lambda op: int(_is_max_pool(op)))
+    return ArchitectureConstants(
+        depth=longest_path(graph, is_weight_layer), max_pool_kernel=recorder.largest_window,
+        max_pool_kinds=int(pools_per_path > 0), max_pools_per_path=pools_per_path,
+        d_in=math.prod(graph.input_shape), d_out=recorder.output_size)
+
+
+def _positive(name: str, value: Any, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def generalization_bound(model: nn.Module, input_shape: Sequence[int], n_samples: int, input_bound: float,
+                         loss_lipschitz: float = 1.0, sharpened: bool = False, *, depth: Optional[int] = None,
+                         max_pool_kernel: Optional[int] = None, max_pool_kinds: Optional[int] = None,
+                         max_pools_per_path: Optional[int] = None, d_in: Optional[int] = None,
+                         d_out: Optional[int] = None) -> GeneralizationBound:
+    """Bound on the generalization gap, L_loss * ||Phi(theta)||_1 * 4*C*B/sqrt(n) (MATH.md section 5).
+
+    n_samples: training samples n; input_bound: B = max_i ||x_i||_inf over the (normalized) training
+    inputs. Every architecture constant is derived from the model and can be overridden."""
+    model, shape = unwrapped(model), validated_input_shape(input_shape)
+    _positive("n_samples", n_samples, integer=True)
+    _positive("input_bound", input_bound)
+    _positive("loss_lipschitz", loss_lipschitz)
+    derived = architecture_constants(capture(model, shape), model)
+    D = derived.depth if depth is None else depth
+    K = derived.max_pool_kernel if max_pool_kernel is None else max_pool_kernel
+    P = derived.max_pool_kinds if max_pool_kinds is None else max_pool_kinds
+    M = derived.max_pools_per_path if max_pools_per_path is None else max_pools_per_path
+    n_in = derived.d_in if d_in is None else d_in
+    n_out = derived.d_out if d_out is None else d_out
+    if sharpened:
+        c_squared = D * math.log(3) + M * math.log(K) + math.log((n_in + 1) * n_out)
+    else:
+        c_squared = D * math.log((3 + 2 * P) * K) + math.log((3 + 2 * P) / (1 + P) * (n_in + 1) * n_out)
+    first_part = 4 * math.sqrt(c_squared) * input_bound / math.sqrt(n_samples)
+    with torch.no_grad():
+        log_norm = float(log_path_norm(model, shape, 1.0))
+    log_value = math.log(loss_lipschitz * first_part) + log_norm
+    return GeneralizationBound(exp_or_inf(log_value), first_part, exp_or_inf(log_norm), D, K, P, M, n_in, n_out,
+                               log_value, sharpened)

@@ -1,0 +1,160 @@
+"""Path-metrics ||Phi(theta) - Phi(theta')||_1 and the function-change certificates they give (MATH.md §3).
+
+Theorem: if theta and theta' agree in sign coordinate-wise (zeros allowed), then for every input x,
+||R_theta(x) - R_theta'(x)||_1 <= max(||x||_inf, 1) * ||Phi(theta) - Phi(theta')||_1.
+Every quantity is computed in float64 with running log-scales, so deep networks never overflow.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .engine import evaluate
+from .graph import PathGraph, capture
+from .logmath import exp_or_inf, log_difference, log_sum
+from .norms import unwrapped, validated_input_shape
+from .sources import (EdgeMagnitudes, EdgeSource, EnvelopeMagnitudes, ModuleSource, ParameterEdges,
+                      ParameterSource, PowerMagnitudes, SignSplitEdges, StateDictSource, TransformedSource,
+                      _check_same_layout)
+
+Kind = Literal["pruning", "same_sign", "general"]
+Network = Union[nn.Module, Mapping[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class PathMetric:
+    """||Phi(theta) - Phi(theta')||_1, or an upper bound on it when `exact` is False.
+
+    kind: "pruning" (one network is the other with entries zeroed or shrunk, signs kept: exact, two
+    passes), "same_sign" (max/min envelope bound, two passes), "general" (sign split and triangle
+    inequality, four passes). `relative` is value / ||Phi(theta)||_1, the form a budget uses.
+    `value` is inf only when the true number exceeds float64; `log_value` is always exact."""
+
+    value: float
+    exact: bool
+    kind: Kind
+    log_value: float
+    relative: float
+
+    def __str__(self) -> str:
+        relation = "=" if self.exact else "<="
+        return f"path-metric {relation} {self.value:.6g} ({self.relative:.3g} of the path-norm; {self.kind})"
+
+
+def _log_l1(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes) -> float:
+    total = evaluate(graph, model, magnitudes, 1.0, log_scaled=True)
+    return float(torch.log(total.value.detach())) + total.log_scale
+
+
+@dataclass
+class _Comparison:
+    conflicts: bool = False  # some coordinate has opposite signs
+    first_dominates: bool = True  # |theta'| <= |theta| everywhere
+    second_dominates: bool = True  # |theta| <= |theta'| everywhere
+
+
+def _compare(graph: PathGraph, model: nn.Module, first: EdgeSource, second: EdgeSource) -> _Comparison:
+    comparison = _Comparison()
+    for name in graph.affine_modules():
+        module = model.get_submodule(name)
+        with first.edges(name, module) as a, second.edges(name, module) as b:
+            for x, y in zip(a, b):
+                _check_same_layout(name, x, y)
+                if x is None:
+                    continue
+                x, y = x.detach(), y.detach().to(x.dtype)
+                comparison.conflicts |= bool((x * y < 0).any())
+                comparison.first_dominates &= bool((y.abs() <= x.abs()).all())
+                comparison.second_dominates &= bool((x.abs() <= y.abs()).all())
+    return comparison
+
+
+def _log_envelope_gap(graph: PathGraph, model: nn.Module, first: EdgeSource, second: EdgeSource) -> float:
+    """log(||Phi(max(|a|,|b|))||_1 - ||Phi(min(|a|,|b|))||_1)."""
+    return log_difference(_log_l1(graph, model, EnvelopeMagnitudes(first, second, torch.maximum)),
+                           _log_l1(graph, model, EnvelopeMagnitudes(first, second, torch.minimum)))
+
+
+def metric_between(graph: PathGraph, model: nn.Module, first: ParameterSource, second: ParameterSource) -> PathMetric:
+    """The path-metric between two parameter sources for one captured architecture (MATH.md §3)."""
+    a, b = ParameterEdges(first), ParameterEdges(second)
+    with torch.no_grad():
+        comparison = _compare(graph, model, a, b)
+        log_norm_a = _log_l1(graph, model, PowerMagnitudes(a))
+        if not comparison.conflicts and (comparison.first_dominates or comparison.second_dominates):
+            log_norm_b = _log_l1(graph, model, PowerMagnitudes(b))
+            log_value = log_difference(max(log_norm_a, log_norm_b), min(log_norm_a, log_norm_b))
+            kind, exact = "pruning", True
+        elif not comparison.conflicts:
+            log_value, kind, exact = _log_envelope_gap(graph, model, a, b), "same_sign", False
+        else:
+            split = SignSplitEdges(a, b)
+            pruned = log_difference(log_norm_a, _log_l1(graph, model, PowerMagnitudes(split)))
+            log_value = log_sum(pruned, _log_envelope_gap(graph, model, split, b))
+            kind, exact = "general", False
+    value = exp_or_inf(log_value)
+    relative = math.exp(log_value - log_norm_a) if log_norm_a > -math.inf else (0.0 if log_value == -math.inf else math.inf)
+    return PathMetric(value, exact, kind, log_value, relative)
+
+
+def parameter_source(network: Network) -> ParameterSource:
+    """A parameter source for a module of the model's architecture or a state dict of it."""
+    if isinstance(network, nn.Module):
+        return ModuleSource(unwrapped(network))
+    if isinstance(network, Mapping):
+        return StateDictSource(network)
+    raise TypeError(f"expected a torch.nn.Module or a state dict, got {type(network).__name__}")
+
+
+def path_metric(model: nn.Module, other: Network, input_shape: Sequence[int]) -> PathMetric:
+    """||Phi(theta) - Phi(theta')||_1 between `model` and `other` (same architecture, or its state dict).
+
+    Picks the cheapest correct computation and says which it used (MATH.md section 3)."""
+    model, shape = unwrapped(model), validated_input_shape(input_shape)
+    return metric_between(capture(model, shape), model, ModuleSource(model), parameter_source(other))
+
+
+def function_distance_bound(model: nn.Module, other: Network, input_shape: Sequence[int],
+                            input_inf_norm: float) -> float:
+    """Certified bound max(||x||_inf, 1) * ||Phi(theta) - Phi(theta')||_1 on ||R_theta(x) - R_theta'(x)||_1
+    for every input x with ||x||_inf <= input_inf_norm (MATH.md section 3)."""
+    if not (isinstance(input_inf_norm, (int, float)) and input_inf_norm >= 0):
+        raise ValueError(f"input_inf_norm must be a non-negative number, got {input_inf_norm!r}")
+    return max(float(input_inf_norm), 1.0) * path_metric(model, other, input_shape).value
+
+
+def _per_channel_int8(t: Tensor) -> Tensor:
+    """Symmetric int8 round-to-nearest with one scale per output channel (dim 0)."""
+    if t.dim() < 2:
+        return t
+    flat = t.detach().reshape(t.shape[0], -1)
+    scale = flat.abs().amax(dim=1).clamp_min(torch.finfo(t.dtype).tiny) / 127
+    return (torch.round(flat / scale[:, None]).clamp(-127, 127) * scale[:, None]).reshape(t.shape)
+
+
+QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
+    "bf16": lambda t: t.detach().to(torch.bfloat16).to(t.dtype),
+    "fp16": lambda t: t.detach().to(torch.float16).to(t.dtype),
+    "int8": _per_channel_int8,
+}
+
+
+def quantization_bound(model: nn.Module, quantize: Union[str, Callable[[Tensor], Tensor]],
+                       input_shape: Sequence[int]) -> PathMetric:
+    """Path-metric between the model and its quantized version, which certifies how far quantization
+    can move the function (MATH.md section 3).
+
+    `quantize` is "bf16", "fp16", "int8" (per-output-channel symmetric round-to-nearest on weights of
+    two or more dimensions) or any function tensor -> tensor; it is applied to every weight and bias of
+    Linear / Conv / ConvTranspose / BatchNorm layers, one module at a time (running statistics stay)."""
+    if isinstance(quantize, str):
+        if quantize not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer {quantize!r}; choose one of {sorted(QUANTIZERS)} or pass a function")
+        quantize = QUANTIZERS[quantize]
+    model, shape = unwrapped(model), validated_input_shape(input_shape)
+    source = ModuleSource(model)
+    return metric_between(capture(model, shape), model, source, TransformedSource(source, quantize))

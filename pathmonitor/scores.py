@@ -1,0 +1,78 @@
+"""Path-magnitude pruning scores (MATH.md section 4).
+
+score_i = |theta_i| * d||Phi(theta)||_1 / d|theta_i| = ||Phi(theta)||_1 - ||Phi(theta with theta_i = 0)||_1,
+the path-metric of pruning theta_i alone; exact for shared conv weights, since every path crosses a
+layer at most once and ||Phi||_1 is multilinear in the weights. Invariant under neuron-wise rescaling.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .engine import evaluate
+from .graph import PathGraph, capture
+from .layers import BATCH_NORMS
+from .logmath import exceeds_float64, exp_or_inf
+from .norms import PathNormOverflowWarning, unwrapped, validated_input_shape
+from .sources import ModuleSource, ParameterEdges, ParameterSource, ScoringMagnitudes
+
+
+def prunable_weights(graph: PathGraph, model: nn.Module) -> list[str]:
+    """Qualified names of the weights of every Linear / Conv / ConvTranspose the graph evaluates."""
+    names = []
+    for module_name in dict.fromkeys(graph.affine_modules()):
+        if not isinstance(model.get_submodule(module_name), BATCH_NORMS):
+            names.append(f"{module_name}.weight")
+    return names
+
+
+def _selected_modules(graph: PathGraph, model: nn.Module, parameters: Optional[Iterable[str]]) -> list[str]:
+    allowed = prunable_weights(graph, model)
+    if parameters is None:
+        return [name[: -len(".weight")] for name in allowed]
+    chosen = list(parameters)
+    unknown = [name for name in chosen if name not in allowed]
+    if unknown:
+        raise ValueError(f"cannot score {unknown}: path-magnitude scores exist for the weights of Linear / Conv / "
+                         f"ConvTranspose layers on the input-output paths, e.g. {allowed[:3]}")
+    return [name[: -len(".weight")] for name in chosen]
+
+
+def scores_from(graph: PathGraph, model: nn.Module, source: ParameterSource, modules: list[str]) -> tuple[dict[str, Tensor], float]:
+    """Relative scores score_i / ||Phi||_1 of the weights of `modules`, and log ||Phi||_1.
+
+    One forward and one backward pass of the |theta| network."""
+    magnitudes = ScoringMagnitudes(ParameterEdges(source), set(modules))
+    with torch.enable_grad():
+        total = evaluate(graph, model, magnitudes, 1.0, log_scaled=True)
+        log_norm = torch.log(total.value)
+        leaves = [magnitudes.leaves[name] for name in modules]
+        grads = torch.autograd.grad(log_norm, leaves, allow_unused=True)
+    relative = {}
+    for name, leaf, grad in zip(modules, leaves, grads):
+        relative[f"{name}.weight"] = torch.zeros_like(leaf) if grad is None else leaf.detach() * grad
+    return relative, float(log_norm.detach()) + total.log_scale
+
+
+def path_magnitude_scores(model: nn.Module, input_shape: Sequence[int], parameters: Optional[Iterable[str]] = None,
+                          *, relative: bool = False) -> dict[str, Tensor]:
+    """{qualified weight name: score tensor of the weight's shape}, score_i = ||Phi(theta)||_1 -
+    ||Phi(theta with theta_i = 0)||_1 (MATH.md section 4); float64.
+
+    By default every weight of Linear / Conv / ConvTranspose; never biases or batch-norm. Entries that
+    are already zero (pruned) score 0. With relative=True the scores are divided by ||Phi(theta)||_1,
+    which stays finite for networks whose path-norm exceeds float64."""
+    model, shape = unwrapped(model), validated_input_shape(input_shape)
+    graph = capture(model, shape)
+    modules = _selected_modules(graph, model, parameters)
+    scores, log_norm = scores_from(graph, model, ModuleSource(model), modules)
+    if relative:
+        return scores
+    if exceeds_float64(log_norm):
+        warnings.warn("the L1 path-norm exceeds float64, so absolute scores overflow; use relative=True",
+                      PathNormOverflowWarning, stacklevel=2)
+    norm = exp_or_inf(log_norm)
+    return {name: score * norm for name, score in scores.items()}
