@@ -114,8 +114,25 @@ def tiny_residual():
                          nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(2, 2)), (1, 3, 3)
 
 
+def tiny_conv():
+    """Small enough to enumerate every path: conv, BN, max-pool, average-pool, linear."""
+    return nn.Sequential(nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2, stride=1),
+                         nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False), nn.Flatten(),
+                         nn.Linear(18, 2)), (1, 4, 4)
+
+
+def small_unet():
+    """Two-level U-Net: double conv blocks, max-pool down, transposed conv up, skip concatenation."""
+    def double_conv(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                             nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+    inner = nn.Sequential(nn.MaxPool2d(2), double_conv(4, 8), nn.ConvTranspose2d(8, 4, 2, stride=2))
+    return nn.Sequential(double_conv(2, 4), Cat(inner, nn.Identity()), double_conv(8, 4), nn.Conv2d(4, 3, 1)), (2, 8, 8)
+
+
 ORACLE_NETS = {f.__name__: f for f in (conv_pool_chain, residual_concat, unet_like, functional_ops,
-                                       one_dimensional, three_dimensional, two_heads, tiny_residual)}
+                                       one_dimensional, three_dimensional, two_heads, tiny_residual, tiny_conv,
+                                       small_unet)}
 
 
 def make(name: str, seed: int):

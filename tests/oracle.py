@@ -67,14 +67,16 @@ class Heads(nn.Module):
 
 @dataclass
 class NeuronDAG:
-    """Neurons 0..n-1 in topological order; edges[v] = [(u, weight)], bias[v]."""
+    """Neurons 0..n-1 in topological order, for one or several networks of one architecture (variants).
+
+    edges[v] = [(u, (w_variant0, w_variant1, ...))], bias[v] = (b_variant0, ...)."""
 
     inputs: list[int] = field(default_factory=list)
-    edges: list[list[tuple[int, float]]] = field(default_factory=list)
-    bias: list[float] = field(default_factory=list)
+    edges: list[list[tuple[int, tuple[float, ...]]]] = field(default_factory=list)
+    bias: list[tuple[float, ...]] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)
 
-    def new(self, bias: float = 0.0) -> int:
+    def new(self, bias: tuple[float, ...]) -> int:
         self.edges.append([])
         self.bias.append(bias)
         return len(self.bias) - 1
@@ -90,71 +92,85 @@ def _probe(layer: nn.Module, shape: tuple[int, ...]):
     return columns.T, base.reshape(-1), tuple(base.shape[1:])
 
 
-def _build(net: nn.Module, dag: NeuronDAG, ids: list[int], shape: tuple[int, ...]):
+def _build(nets: list[nn.Module], dag: NeuronDAG, ids: list[int], shape: tuple[int, ...]):
+    net, k = nets[0], len(nets)
     if isinstance(net, nn.Sequential):
-        for layer in net:
-            ids, shape = _build(layer, dag, ids, shape)
+        for layers in zip(*nets):
+            ids, shape = _build(list(layers), dag, ids, shape)
         return ids, shape
     if isinstance(net, Add):  # Sub too: an edge of weight -1
-        a, shape_a = _build(net.a, dag, ids, shape)
-        b, _ = _build(net.b, dag, ids, shape)
+        a, shape_a = _build([n.a for n in nets], dag, ids, shape)
+        b, _ = _build([n.b for n in nets], dag, ids, shape)
         sign = -1.0 if isinstance(net, Sub) else 1.0
         out = []
         for u, v in zip(a, b):
-            w = dag.new()
-            dag.edges[w] += [(u, 1.0), (v, sign)]
+            w = dag.new((0.0,) * k)
+            dag.edges[w] += [(u, (1.0,) * k), (v, (sign,) * k)]
             out.append(w)
         return out, shape_a
     if isinstance(net, Cat):
-        parts = [_build(branch, dag, ids, shape) for branch in net.branches]
+        parts = [_build([n.branches[i] for n in nets], dag, ids, shape) for i in range(len(net.branches))]
         out_shape = (sum(s[0] for _, s in parts),) + parts[0][1][1:]
         return [i for part, _ in parts for i in part], out_shape
-    matrix, bias, out_shape = _probe(net, shape)
+    probes = [_probe(n, shape) for n in nets]
+    matrices = torch.stack([m for m, _, _ in probes], dim=-1)  # (out, in, variants)
+    biases = torch.stack([b for _, b, _ in probes], dim=-1)
     out = []
-    for row, b in zip(matrix.tolist(), bias.tolist()):
-        v = dag.new(b)
-        dag.edges[v] = [(u, w) for u, w in zip(ids, row) if w != 0.0]
+    for row, b in zip(matrices.tolist(), biases.tolist()):
+        v = dag.new(tuple(b))
+        dag.edges[v] = [(u, tuple(w)) for u, w in zip(ids, row) if any(x != 0.0 for x in w)]
         out.append(v)
-    return out, out_shape
+    return out, probes[0][2]
 
 
-def neuron_dag(net: nn.Module, input_shape: tuple[int, ...]) -> NeuronDAG:
-    """The explicit DAG of a network built from Sequential / Add / Sub / Cat / Heads and leaf layers."""
+def neuron_dag(nets, input_shape: tuple[int, ...]) -> NeuronDAG:
+    """The explicit DAG of one network, or of several networks of one architecture, built from
+    Sequential / Add / Sub / Cat / Heads and leaf layers."""
+    nets = list(nets) if isinstance(nets, (list, tuple)) else [nets]
     dag = NeuronDAG()
-    dag.inputs = [dag.new() for _ in range(math.prod(input_shape))]
-    if isinstance(net, Heads):
-        trunk, shape = _build(net.trunk, dag, dag.inputs, input_shape)
-        dag.outputs = _build(net.first, dag, trunk, shape)[0] + _build(net.second, dag, trunk, shape)[0]
+    dag.inputs = [dag.new((0.0,) * len(nets)) for _ in range(math.prod(input_shape))]
+    if isinstance(nets[0], Heads):
+        trunk, shape = _build([n.trunk for n in nets], dag, dag.inputs, input_shape)
+        dag.outputs = (_build([n.first for n in nets], dag, trunk, shape)[0]
+                       + _build([n.second for n in nets], dag, trunk, shape)[0])
     else:
-        dag.outputs = _build(net, dag, dag.inputs, input_shape)[0]
+        dag.outputs = _build(nets, dag, dag.inputs, input_shape)[0]
     return dag
 
 
-def path_sum(dag: NeuronDAG, q: float) -> float:
+def path_sum(dag: NeuronDAG, q: float, variant: int = 0) -> float:
     """sum over paths p of |Phi_p|^q, by dynamic programming over neurons (sum over paths ending at v)."""
     into = [0.0] * len(dag.bias)
     inputs = set(dag.inputs)
     for v in range(len(dag.bias)):
-        start = 1.0 if v in inputs else abs(dag.bias[v]) ** q
-        into[v] = start + sum(abs(w) ** q * into[u] for u, w in dag.edges[v])
+        start = 1.0 if v in inputs else abs(dag.bias[v][variant]) ** q
+        into[v] = start + sum(abs(w[variant]) ** q * into[u] for u, w in dag.edges[v])
     return sum(into[v] for v in dag.outputs)
 
 
-def enumerated_path_sum(dag: NeuronDAG, q: float) -> float:
-    """The same sum, by listing every path explicitly (only for tiny networks)."""
+def _paths(dag: NeuronDAG):
+    """Every path, as the tuple over variants of its product of weights (times the starting bias)."""
     inputs = set(dag.inputs)
-    total = 0.0
 
-    def walk_back(v: int, product: float) -> None:
-        nonlocal total
+    def walk_back(v: int, product: tuple[float, ...]):
         if v in inputs:
-            total += abs(product) ** q
+            yield product
             return
-        if dag.bias[v] != 0.0:
-            total += abs(product * dag.bias[v]) ** q
+        if any(b != 0.0 for b in dag.bias[v]):
+            yield tuple(p * b for p, b in zip(product, dag.bias[v]))
         for u, w in dag.edges[v]:
-            walk_back(u, product * w)
+            yield from walk_back(u, tuple(p * x for p, x in zip(product, w)))
 
+    variants = len(dag.bias[0])
     for out in dag.outputs:
-        walk_back(out, 1.0)
-    return total
+        yield from walk_back(out, (1.0,) * variants)
+
+
+def enumerated_path_sum(dag: NeuronDAG, q: float, variant: int = 0) -> float:
+    """sum_p |Phi_p|^q by listing every path explicitly (only for tiny networks)."""
+    return sum(abs(p[variant]) ** q for p in _paths(dag))
+
+
+def enumerated_path_metric(dag: NeuronDAG) -> float:
+    """||Phi(theta_0) - Phi(theta_1)||_1 by listing every path explicitly (only for tiny networks)."""
+    return sum(abs(p[0] - p[1]) for p in _paths(dag))

@@ -1,0 +1,185 @@
+"""Path-metrics and the function-distance theorem (MATH.md section 3)."""
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import pathmonitor as pm
+from nets import ORACLE_NETS, make
+from oracle import enumerated_path_metric, neuron_dag
+from perturb import perturbed
+
+TINY = ["tiny_residual", "tiny_conv", "two_heads"]
+
+
+def _outputs(net, x):
+    out = net(x)
+    if isinstance(out, tuple):
+        first, rest = out
+        return torch.cat([first.flatten(1)] + [v.flatten(1) for v in rest.values()], dim=1)
+    return out.flatten(1)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pruning_is_exact_against_path_enumeration(name, seed):
+    net, shape = make(name, seed)
+    pruned = perturbed(net, "pruning", torch.Generator().manual_seed(seed))
+    truth = enumerated_path_metric(neuron_dag([net, pruned], shape))
+    for first, second in ((net, pruned), (pruned, net)):
+        metric = pm.path_metric(first, second, shape)
+        assert metric.kind == "pruning" and metric.exact
+        assert metric.value == pytest.approx(truth, rel=1e-9)
+    assert pm.path_metric(net, pruned.state_dict(), shape).value == pytest.approx(truth, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("kind", ["same_sign", "general"])
+def test_bounds_dominate_the_true_path_metric(name, kind):
+    net, shape = make(name, 3)
+    other = perturbed(net, kind, torch.Generator().manual_seed(4))
+    truth = enumerated_path_metric(neuron_dag([net, other], shape))
+    metric = pm.path_metric(net, other, shape)
+    assert metric.kind == kind and not metric.exact
+    assert metric.value >= truth * (1 - 1e-12)
+    assert metric.relative == pytest.approx(metric.value / float(pm.path_norm(net, shape).detach()), rel=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=st.sampled_from(sorted(ORACLE_NETS)), kind=st.sampled_from(["pruning", "same_sign", "general"]),
+       seed=st.integers(0, 2 ** 16), log_scale=st.floats(-2, 3))
+def test_function_distance_theorem(name, kind, seed, log_scale):
+    net, shape = make(name, seed % 7)
+    net = net.double()
+    g = torch.Generator().manual_seed(seed)
+    other = perturbed(net, kind, g)
+    metric = pm.path_metric(net, other, shape)
+    x = torch.randn((8,) + shape, generator=g, dtype=torch.float64) * 10 ** log_scale
+    with torch.no_grad():
+        distance = (_outputs(net, x) - _outputs(other, x)).abs().sum(dim=1)
+    radius = x.flatten(1).abs().amax(dim=1).clamp_min(1.0)
+    assert bool((distance <= radius * metric.value * (1 + 1e-9) + 1e-12).all()), (distance / radius).max()
+
+
+def test_sign_split_is_needed():
+    """v * ReLU(u * x): (u, v) = (1, 1) and (-1, -1) have the same Phi but different functions."""
+    def net(sign):
+        model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.ReLU(), nn.Linear(1, 1, bias=False))
+        with torch.no_grad():
+            model[0].weight.fill_(sign)
+            model[2].weight.fill_(sign)
+        return model
+
+    a, b = net(1.0), net(-1.0)
+    with torch.no_grad():
+        assert float(pm.path_norm(a, (1,))) == float(pm.path_norm(b, (1,))) == 1.0  # Phi(a) = Phi(b) = (1,)
+    x = torch.tensor([[1.0], [-1.0]])
+    with torch.no_grad():
+        distance = (a(x) - b(x)).abs().sum(dim=1)  # 1 at x = 1 and at x = -1
+    metric = pm.path_metric(a, b, (1,))
+    assert metric.kind == "general" and not metric.exact
+    assert bool((distance <= metric.value).all()) and metric.value == pytest.approx(2.0)
+
+
+def test_function_distance_bound_scales_with_the_input_norm():
+    net, shape = make("tiny_conv", 0)
+    pruned = perturbed(net, "pruning", torch.Generator().manual_seed(0))
+    value = pm.path_metric(net, pruned, shape).value
+    assert pm.function_distance_bound(net, pruned, shape, 0.5) == pytest.approx(value)
+    assert pm.function_distance_bound(net, pruned, shape, 3.0) == pytest.approx(3 * value)
+    with pytest.raises(ValueError, match="input_inf_norm"):
+        pm.function_distance_bound(net, pruned, shape, -1)
+
+
+def test_identical_networks_are_at_distance_zero_and_mismatches_are_named():
+    net, shape = make("tiny_conv", 0)
+    metric = pm.path_metric(net, copy.deepcopy(net), shape)
+    assert metric.value == 0 and metric.exact and metric.log_value == -math.inf
+    wider = copy.deepcopy(net)
+    wider[6] = nn.Linear(18, 3)
+    with pytest.raises(ValueError, match="'6'"):
+        pm.path_metric(net, wider, shape)
+    state = net.state_dict()
+    del state["6.weight"]
+    with pytest.raises(ValueError, match="6.weight"):
+        pm.path_metric(net, state, shape)
+    with pytest.raises(TypeError, match="state dict"):
+        pm.path_metric(net, 3, shape)
+
+
+def test_deep_networks_do_not_overflow():
+    depth, n = 120, 8
+    layers = []
+    for _ in range(depth):
+        linear = nn.Linear(n, n, bias=False)
+        nn.init.constant_(linear.weight, 100.0)
+        layers += [linear, nn.ReLU()]
+    net = nn.Sequential(*layers)
+    pruned = copy.deepcopy(net)
+    with torch.no_grad():
+        pruned[0].weight[:, : n // 2] = 0  # half of the paths removed
+    metric = pm.path_metric(net, pruned, (n,))
+    expected_log = math.log(n) + depth * math.log(n * 100.0) + math.log(0.5)
+    assert metric.exact and metric.value == math.inf
+    assert metric.log_value == pytest.approx(expected_log, rel=1e-12)
+    assert metric.relative == pytest.approx(0.5, rel=1e-9)
+
+
+@pytest.mark.parametrize("quantizer", ["bf16", "fp16", "int8", lambda t: torch.round(t * 64) / 64])
+@pytest.mark.parametrize("name", TINY)
+def test_quantization_bound_dominates_and_certifies(quantizer, name):
+    net, shape = make(name, 5)
+    quantize = pm.metrics.QUANTIZERS[quantizer] if isinstance(quantizer, str) else quantizer
+    quantized = copy.deepcopy(net)
+    with torch.no_grad():
+        for module in quantized.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.BatchNorm2d)):
+                for p in (module.weight, module.bias):
+                    if p is not None:
+                        p.copy_(quantize(p))
+    truth = enumerated_path_metric(neuron_dag([net, quantized], shape))
+    bound = pm.quantization_bound(net, quantizer, shape)
+    assert bound.value >= truth * (1 - 1e-12) and truth > 0
+    x = torch.randn((16,) + shape, dtype=torch.float64) * 5
+    with torch.no_grad():
+        moved = (_outputs(net.double(), x) - _outputs(quantized.double(), x)).abs().sum(dim=1)
+    assert bool((moved <= x.flatten(1).abs().amax(dim=1).clamp_min(1) * bound.value * (1 + 1e-9)).all())
+
+
+def test_unknown_quantizer():
+    with pytest.raises(ValueError, match="unknown quantizer"):
+        pm.quantization_bound(nn.Linear(2, 2), "int3", (2,))
+
+
+def _nonnegative(net):
+    """|theta| for every weight and bias; batch-norms centred so that a > 0 and c > 0."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.zero_()
+            for p in (getattr(module, "weight", None), getattr(module, "bias", None)):
+                if isinstance(p, torch.Tensor):
+                    p.abs_()
+    return net
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruning_bound_is_attained_on_nonnegative_networks(seed):
+    """Without max-pools, a network with non-negative parameters is linear on non-negative inputs and
+    R(1) sums exactly Phi over all paths, so the certified bound is reached at x = ones: the path-metric
+    cannot be an over-estimate there."""
+    torch.manual_seed(seed)
+    net = _nonnegative(nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AvgPool2d(2, ceil_mode=True),
+        nn.Conv2d(3, 4, 2), nn.ReLU(), nn.AdaptiveAvgPool2d((2, 1)), nn.Flatten(), nn.Linear(8, 3))).double().eval()
+    pruned = perturbed(net, "pruning", torch.Generator().manual_seed(seed))
+    shape = (2, 7, 5)
+    metric = pm.path_metric(net, pruned, shape)
+    ones = torch.ones((1,) + shape, dtype=torch.float64)
+    with torch.no_grad():
+        moved = float((net(ones) - pruned(ones)).abs().sum())
+    assert metric.exact and moved == pytest.approx(metric.value, rel=1e-9)
