@@ -14,29 +14,15 @@ import copy
 import ctypes
 import gc
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
-import torchvision
 
 import pathmonitor as pm
+from common import INPUT_SHAPE, model as _model, side_by_side, timed
 
-INPUT_SHAPE = (3, 224, 224)
 MODELS = ("resnet18", "resnet50")
-
-
-def _model(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return getattr(torchvision.models, name)().eval()
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def time_ratio(name: str, repeats: int) -> dict:
@@ -44,13 +30,10 @@ def time_ratio(name: str, repeats: int) -> dict:
     floor_model = copy.deepcopy(model).double()
     ones = torch.ones((1,) + INPUT_SHAPE, dtype=torch.float64)
     with torch.no_grad():
-        first_call = _timed(lambda: pm.path_norm(model, INPUT_SHAPE))
-        floor_model(ones)
-        floors, ours = [], []
-        for _ in range(repeats):
-            floors.append(_timed(lambda: floor_model(ones)))
-            ours.append(_timed(lambda: pm.path_norm(model, INPUT_SHAPE)))
-    floor, path = statistics.median(floors), statistics.median(ours)
+        first_call = timed(lambda: pm.path_norm(model, INPUT_SHAPE))
+        medians = side_by_side({"floor": lambda: floor_model(ones),
+                                "path_norm": lambda: pm.path_norm(model, INPUT_SHAPE)}, repeats)
+    floor, path = medians["floor"], medians["path_norm"]
     return {"floor_s": floor, "path_norm_s": path, "ratio": path / floor, "first_call_s": first_call}
 
 

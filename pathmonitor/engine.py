@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .errors import PathComputationError
+from .errors import ParameterMismatchError, PathComputationError
 from .graph import OpKind, PathGraph, PathOp, Ref
 from .layers import apply_affine, bias_view
 from .sources import EdgeMagnitudes
@@ -39,6 +39,14 @@ def _map_tensors(value: Any, fn) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_map_tensors(v, fn) for v in value)
     return value
+
+
+def _exp_factor(exponent: float, log_max: float) -> float:
+    """exp(exponent), the factor that brings z (whose maximum is exp(log_max)) to the new scale.
+
+    exponent <= -log_max, so z * exp(exponent) <= 1; only for a subnormal maximum could exp(exponent)
+    itself overflow, and then z is first divided by its maximum."""
+    return math.exp(exponent) if exponent < 700 else math.exp(-log_max) * math.exp(exponent + log_max)
 
 
 def _log_max(t: Tensor) -> float:
@@ -62,7 +70,7 @@ class Interpreter:
         for i, op in enumerate(self.graph.ops):
             try:
                 values[i] = self._evaluate(op, values)
-            except PathComputationError:
+            except (PathComputationError, ParameterMismatchError):
                 raise
             except Exception as error:
                 raise PathComputationError(
@@ -132,8 +140,7 @@ class Interpreter:
             new_scale = max(terms)
             if new_scale == -math.inf:
                 return Scaled(z, log_scale)
-            # (z / max z) * exp(log max z + log_scale - new_scale): both factors <= 1, nothing overflows
-            out = z * math.exp(-z_log) * math.exp(terms[0] - new_scale) if z_log > -math.inf else z
+            out = z * _exp_factor(log_scale - new_scale, z_log) if z_log > -math.inf else z
             if bias is not None:
                 out = out + bias_view(module, bias, z.dim()) * math.exp(-new_scale)
             return Scaled(out, new_scale)
@@ -156,6 +163,21 @@ def evaluate(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: 
     if device is None:
         device = model_device(model)
     return Interpreter(graph, model, magnitudes, q, log_scaled, device).run()
+
+
+_TINY = 1e-280  # below this a float64 sum has lost relative precision to subnormals
+
+
+def log_total(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float,
+              device: Optional[torch.device] = None) -> Tensor:
+    """log of the sum of all outputs of the |theta|^q network, as a 0-dim tensor (differentiable when
+    autograd is on). A plain float64 pass, repeated with running log-scales only when it over- or
+    underflows: both are exact, the plain one is cheaper."""
+    total = evaluate(graph, model, magnitudes, q, log_scaled=False, device=device).value
+    if bool(torch.isfinite(total)) and float(total.detach()) > _TINY:
+        return torch.log(total)
+    scaled = evaluate(graph, model, magnitudes, q, log_scaled=True, device=device)
+    return torch.log(scaled.value) + scaled.log_scale
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -45,3 +45,7 @@ class UnsupportedModelError(ValueError):
 
 class PathComputationError(RuntimeError):
     """Raised when evaluating the path network fails at one operation (usually a wrong input_shape)."""
+
+
+class ParameterMismatchError(ValueError):
+    """Raised when a second network (module or state dict) does not match the model's parameters."""

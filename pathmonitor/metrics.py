@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence, Union
+import contextlib
+from typing import Callable, Iterator, Literal, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .engine import evaluate
+from .engine import log_total
 from .graph import PathGraph, capture
 from .logmath import exp_or_inf, log_difference, log_sum
 from .norms import unwrapped, validated_input_shape
-from .sources import (EdgeMagnitudes, EdgeSource, EnvelopeMagnitudes, ModuleSource, ParameterEdges,
+from .sources import (EdgeMagnitudes, Edges, EdgeSource, EnvelopeMagnitudes, ModuleSource, ParameterEdges,
                       ParameterSource, PowerMagnitudes, SignSplitEdges, StateDictSource, TransformedSource,
-                      _check_same_layout)
+                      check_same_layout, magnitude)
 
 Kind = Literal["pruning", "same_sign", "general"]
 Network = Union[nn.Module, Mapping[str, Tensor]]
@@ -46,50 +47,59 @@ class PathMetric:
 
 
 def _log_l1(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes) -> float:
-    total = evaluate(graph, model, magnitudes, 1.0, log_scaled=True)
-    return float(torch.log(total.value.detach())) + total.log_scale
+    return float(log_total(graph, model, magnitudes, 1.0))
 
 
-@dataclass
-class _Comparison:
-    conflicts: bool = False  # some coordinate has opposite signs
-    first_dominates: bool = True  # |theta'| <= |theta| everywhere
-    second_dominates: bool = True  # |theta| <= |theta'| everywhere
+def _between_zero_and(x: Tensor, y: Tensor) -> bool:
+    """Whether every y_i lies between 0 and x_i (inclusive): y_i * (x_i - y_i) >= 0."""
+    gap = x - y
+    return not bool(gap.mul_(y).lt_(0).any())
 
 
-def _compare(graph: PathGraph, model: nn.Module, first: EdgeSource, second: EdgeSource) -> _Comparison:
-    comparison = _Comparison()
-    for name in graph.affine_modules():
-        module = model.get_submodule(name)
-        with first.edges(name, module) as a, second.edges(name, module) as b:
+class _ComparingMagnitudes:
+    """|theta| of the first network, while finding out how theta' relates to it, coordinate-wise:
+    whether theta' lies between 0 and theta (theta' is theta pruned or shrunk: y*(x-y) >= 0), or
+    theta between 0 and theta', or else whether some signs are opposite."""
+
+    def __init__(self, first: EdgeSource, second: EdgeSource):
+        self.first, self.second = first, second
+        self.second_inside = self.first_inside = True
+        self.conflicts = False
+
+    @contextlib.contextmanager
+    def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
+        with self.first.edges(name, module) as a, self.second.edges(name, module) as b:
             for x, y in zip(a, b):
-                _check_same_layout(name, x, y)
+                check_same_layout(name, x, y)
                 if x is None:
                     continue
                 x, y = x.detach(), y.detach().to(x.dtype)
-                comparison.conflicts |= bool((x * y < 0).any())
-                comparison.first_dominates &= bool((y.abs() <= x.abs()).all())
-                comparison.second_dominates &= bool((x.abs() <= y.abs()).all())
-    return comparison
+                self.second_inside = self.second_inside and _between_zero_and(x, y)
+                if not self.second_inside:
+                    self.first_inside = self.first_inside and _between_zero_and(y, x)
+                    self.conflicts = self.conflicts or bool((x * y < 0).any())
+            yield magnitude(a[0]), magnitude(a[1])
 
 
 def _log_envelope_gap(graph: PathGraph, model: nn.Module, first: EdgeSource, second: EdgeSource) -> float:
     """log(||Phi(max(|a|,|b|))||_1 - ||Phi(min(|a|,|b|))||_1)."""
     return log_difference(_log_l1(graph, model, EnvelopeMagnitudes(first, second, torch.maximum)),
-                           _log_l1(graph, model, EnvelopeMagnitudes(first, second, torch.minimum)))
+                          _log_l1(graph, model, EnvelopeMagnitudes(first, second, torch.minimum)))
 
 
 def metric_between(graph: PathGraph, model: nn.Module, first: ParameterSource, second: ParameterSource) -> PathMetric:
-    """The path-metric between two parameter sources for one captured architecture (MATH.md §3)."""
+    """The path-metric between two parameter sources for one captured architecture (MATH.md §3).
+
+    Passes of the |theta| network: 2 for pruning, 3 for a same-sign pair, 4 otherwise."""
     a, b = ParameterEdges(first), ParameterEdges(second)
     with torch.no_grad():
-        comparison = _compare(graph, model, a, b)
-        log_norm_a = _log_l1(graph, model, PowerMagnitudes(a))
-        if not comparison.conflicts and (comparison.first_dominates or comparison.second_dominates):
+        comparing = _ComparingMagnitudes(a, b)
+        log_norm_a = _log_l1(graph, model, comparing)
+        if comparing.second_inside or comparing.first_inside:
             log_norm_b = _log_l1(graph, model, PowerMagnitudes(b))
             log_value = log_difference(max(log_norm_a, log_norm_b), min(log_norm_a, log_norm_b))
             kind, exact = "pruning", True
-        elif not comparison.conflicts:
+        elif not comparing.conflicts:
             log_value, kind, exact = _log_envelope_gap(graph, model, a, b), "same_sign", False
         else:
             split = SignSplitEdges(a, b)

@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .engine import evaluate
+from .engine import log_total
 from .graph import PathGraph, capture
 from .layers import BATCH_NORMS
 from .logmath import exceeds_float64, exp_or_inf
@@ -47,14 +47,14 @@ def scores_from(graph: PathGraph, model: nn.Module, source: ParameterSource, mod
     One forward and one backward pass of the |theta| network."""
     magnitudes = ScoringMagnitudes(ParameterEdges(source), set(modules))
     with torch.enable_grad():
-        total = evaluate(graph, model, magnitudes, 1.0, log_scaled=True)
-        log_norm = torch.log(total.value)
+        log_norm = log_total(graph, model, magnitudes, 1.0)
         leaves = [magnitudes.leaves[name] for name in modules]
         grads = torch.autograd.grad(log_norm, leaves, allow_unused=True)
     relative = {}
     for name, leaf, grad in zip(modules, leaves, grads):
-        relative[f"{name}.weight"] = torch.zeros_like(leaf) if grad is None else leaf.detach() * grad
-    return relative, float(log_norm.detach()) + total.log_scale
+        # in place: the gradient buffers are ours, and fresh weight-sized allocations cost page faults
+        relative[f"{name}.weight"] = torch.zeros_like(leaf) if grad is None else grad.mul_(leaf.detach())
+    return relative, float(log_norm.detach())
 
 
 def path_magnitude_scores(model: nn.Module, input_shape: Sequence[int], parameters: Optional[Iterable[str]] = None,
@@ -75,4 +75,4 @@ def path_magnitude_scores(model: nn.Module, input_shape: Sequence[int], paramete
         warnings.warn("the L1 path-norm exceeds float64, so absolute scores overflow; use relative=True",
                       PathNormOverflowWarning, stacklevel=2)
     norm = exp_or_inf(log_norm)
-    return {name: score * norm for name, score in scores.items()}
+    return {name: score.mul_(norm) for name, score in scores.items()}

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Mapping, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
+from .errors import ParameterMismatchError
 from .layers import edge_parameters, tensor_names
 
 Tensors = Mapping[str, Optional[Tensor]]
@@ -38,9 +39,9 @@ class ModuleSource:
         try:
             own = self.root.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"the other network has no module {name!r} ({type(module).__name__})") from None
+            raise ParameterMismatchError(f"the other network has no module {name!r} ({type(module).__name__})") from None
         if type(own) is not type(module):
-            raise ValueError(f"module {name!r} is a {type(own).__name__} in the other network, "
+            raise ParameterMismatchError(f"module {name!r} is a {type(own).__name__} in the other network, "
                              f"a {type(module).__name__} in the model")
         # getattr, not named_parameters: a parametrized or pruned module exposes its effective weight
         yield {key: getattr(own, key, None) for key in tensor_names(module)}
@@ -60,7 +61,7 @@ class StateDictSource:
             if full in self.state_dict:
                 found[key] = self.state_dict[full]
             elif getattr(module, key, None) is not None:
-                raise ValueError(f"the state dict has no entry {full!r} for module {name!r} ({type(module).__name__})")
+                raise ParameterMismatchError(f"the state dict has no entry {full!r} for module {name!r} ({type(module).__name__})")
             else:
                 found[key] = None
         yield found
@@ -109,10 +110,10 @@ class ParameterEdges:
             yield edge_parameters(module, tensors)
 
 
-def _check_same_layout(name: str, a: Optional[Tensor], b: Optional[Tensor]) -> None:
+def check_same_layout(name: str, a: Optional[Tensor], b: Optional[Tensor]) -> None:
     if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
         describe = lambda t: "none" if t is None else tuple(t.shape)  # noqa: E731
-        raise ValueError(f"module {name!r} differs between the two networks: {describe(a)} vs {describe(b)}")
+        raise ParameterMismatchError(f"module {name!r} differs between the two networks: {describe(a)} vs {describe(b)}")
 
 
 class SignSplitEdges:
@@ -126,12 +127,12 @@ class SignSplitEdges:
         with self.first.edges(name, module) as a, self.second.edges(name, module) as b:
             split = []
             for x, y in zip(a, b):
-                _check_same_layout(name, x, y)
+                check_same_layout(name, x, y)
                 split.append(None if x is None else torch.where(x * y.to(x.dtype) < 0, torch.zeros_like(x), x))
             yield tuple(split)
 
 
-def _magnitude(t: Optional[Tensor], q: float = 1.0) -> Optional[Tensor]:
+def magnitude(t: Optional[Tensor], q: float = 1.0) -> Optional[Tensor]:
     if t is None:
         return None
     # abs before widening: half the memory traffic of widening first
@@ -154,7 +155,7 @@ class PowerMagnitudes:
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
         with self.edges_source.edges(name, module) as (weight, bias):
-            yield _magnitude(weight, self.q), _magnitude(bias, self.q)
+            yield magnitude(weight, self.q), magnitude(bias, self.q)
 
 
 class EnvelopeMagnitudes:
@@ -168,8 +169,9 @@ class EnvelopeMagnitudes:
         with self.first.edges(name, module) as a, self.second.edges(name, module) as b:
             combined = []
             for x, y in zip(a, b):
-                _check_same_layout(name, x, y)
-                combined.append(None if x is None else self.reduce(_magnitude(x), _magnitude(y)))
+                check_same_layout(name, x, y)
+                # reduce before widening to float64: half the memory traffic
+                combined.append(None if x is None else self.reduce(x.abs(), y.abs().to(x.dtype)).to(torch.float64))
             yield tuple(combined)
 
 
@@ -189,8 +191,8 @@ class ScoringMagnitudes:
         with self.edges_source.edges(name, module) as (weight, bias):
             if name in self.selected:
                 if name not in self.leaves:
-                    self.leaves[name] = _magnitude(weight.detach()).requires_grad_(True)
-                yield self.leaves[name], _magnitude(bias.detach() if bias is not None else None)
+                    self.leaves[name] = magnitude(weight.detach()).requires_grad_(True)
+                yield self.leaves[name], magnitude(bias.detach() if bias is not None else None)
             else:
-                yield _magnitude(weight.detach()), _magnitude(bias.detach() if bias is not None else None)
+                yield magnitude(weight.detach()), magnitude(bias.detach() if bias is not None else None)
 
