@@ -63,17 +63,7 @@ class _ShapeRecorder(Interpreter):
         return super()._evaluate(op, values)
 
 
-@dataclass(frozen=True)
-class ArchitectureConstants:
-    depth: int
-    max_pool_kernel: int
-    max_pool_kinds: int
-    max_pools_per_path: int
-    d_in: int
-    d_out: int
-
-
-def architecture_constants(graph: PathGraph, model: nn.Module) -> ArchitectureConstants:
+def architecture_constants(graph: PathGraph, model: nn.Module) -> dict[str, int]:
     """D, K, P, M, d_in, d_out of MATH.md section 5, read off the graph and one meta pass.
 
     P counts the distinct k of k-max-pooling neurons; PyTorch's max-pools are all k = 1."""
@@ -85,10 +75,9 @@ def architecture_constants(graph: PathGraph, model: nn.Module) -> ArchitectureCo
         return int(op.kind is OpKind.AFFINE and not isinstance(model.get_submodule(op.target), BATCH_NORMS))
 
     pools_per_path = longest_path(graph, lambda op: int(_is_max_pool(op)))
-    return ArchitectureConstants(
-        depth=longest_path(graph, is_weight_layer), max_pool_kernel=recorder.largest_window,
-        max_pool_kinds=int(pools_per_path > 0), max_pools_per_path=pools_per_path,
-        d_in=math.prod(graph.input_shape), d_out=recorder.output_size)
+    return dict(depth=longest_path(graph, is_weight_layer), max_pool_kernel=recorder.largest_window,
+                max_pool_kinds=int(pools_per_path > 0), max_pools_per_path=pools_per_path,
+                d_in=math.prod(graph.input_shape), d_out=recorder.output_size)
 
 
 def _positive(name: str, value: Any, integer: bool = False) -> None:
@@ -110,13 +99,12 @@ def generalization_bound(model: nn.Module, input_shape: Sequence[int], n_samples
     _positive("n_samples", n_samples, integer=True)
     _positive("input_bound", input_bound)
     _positive("loss_lipschitz", loss_lipschitz)
-    derived = architecture_constants(capture(model, shape), model)
-    D = derived.depth if depth is None else depth
-    K = derived.max_pool_kernel if max_pool_kernel is None else max_pool_kernel
-    P = derived.max_pool_kinds if max_pool_kinds is None else max_pool_kinds
-    M = derived.max_pools_per_path if max_pools_per_path is None else max_pools_per_path
-    n_in = derived.d_in if d_in is None else d_in
-    n_out = derived.d_out if d_out is None else d_out
+    constants = architecture_constants(capture(model, shape), model)
+    overrides = dict(depth=depth, max_pool_kernel=max_pool_kernel, max_pool_kinds=max_pool_kinds,
+                     max_pools_per_path=max_pools_per_path, d_in=d_in, d_out=d_out)
+    constants.update({key: value for key, value in overrides.items() if value is not None})
+    D, K, P, M = (constants[key] for key in ("depth", "max_pool_kernel", "max_pool_kinds", "max_pools_per_path"))
+    n_in, n_out = constants["d_in"], constants["d_out"]
     if sharpened:
         c_squared = D * math.log(3) + M * math.log(K) + math.log((n_in + 1) * n_out)
     else:
@@ -125,5 +113,5 @@ def generalization_bound(model: nn.Module, input_shape: Sequence[int], n_samples
     with torch.no_grad():
         log_norm = float(log_path_norm(model, shape, 1.0))
     log_value = math.log(loss_lipschitz * first_part) + log_norm
-    return GeneralizationBound(exp_or_inf(log_value), first_part, exp_or_inf(log_norm), D, K, P, M, n_in, n_out,
-                               log_value, sharpened)
+    return GeneralizationBound(value=exp_or_inf(log_value), first_part=first_part, path_norm=exp_or_inf(log_norm),
+                               log_value=log_value, sharpened=sharpened, **constants)

@@ -20,7 +20,7 @@ from .logmath import exp_or_inf, log_difference, log_sum
 from .norms import unwrapped, validated_input_shape
 from .sources import (EdgeMagnitudes, Edges, EdgeSource, EnvelopeMagnitudes, ModuleSource, ParameterEdges,
                       ParameterSource, PowerMagnitudes, SignSplitEdges, StateDictSource, TransformedSource,
-                      check_same_layout, magnitude)
+                      magnitude, paired_edges)
 
 Kind = Literal["pruning", "same_sign", "general"]
 Network = Union[nn.Module, Mapping[str, Tensor]]
@@ -68,9 +68,8 @@ class _ComparingMagnitudes:
 
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
-        with self.first.edges(name, module) as a, self.second.edges(name, module) as b:
-            for x, y in zip(a, b):
-                check_same_layout(name, x, y)
+        with paired_edges(self.first, self.second, name, module) as pairs:
+            for x, y in pairs:
                 if x is None:
                     continue
                 x, y = x.detach(), y.detach().to(x.dtype)
@@ -78,7 +77,7 @@ class _ComparingMagnitudes:
                 if not self.second_inside:
                     self.first_inside = self.first_inside and _between_zero_and(y, x)
                     self.conflicts = self.conflicts or bool((x * y < 0).any())
-            yield magnitude(a[0]), magnitude(a[1])
+            yield magnitude(pairs[0][0]), magnitude(pairs[1][0])
 
 
 def _log_envelope_gap(graph: PathGraph, model: nn.Module, first: EdgeSource, second: EdgeSource) -> float:

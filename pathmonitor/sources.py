@@ -116,6 +116,16 @@ def check_same_layout(name: str, a: Optional[Tensor], b: Optional[Tensor]) -> No
         raise ParameterMismatchError(f"module {name!r} differs between the two networks: {describe(a)} vs {describe(b)}")
 
 
+@contextlib.contextmanager
+def paired_edges(first: EdgeSource, second: EdgeSource, name: str, module: nn.Module) -> Iterator[list[tuple]]:
+    """[(weight of first, weight of second), (bias of first, bias of second)], checked to match."""
+    with first.edges(name, module) as a, second.edges(name, module) as b:
+        pairs = list(zip(a, b))
+        for x, y in pairs:
+            check_same_layout(name, x, y)
+        yield pairs
+
+
 class SignSplitEdges:
     """theta with every coordinate whose sign differs from theta' set to zero (MATH.md section 3)."""
 
@@ -124,12 +134,9 @@ class SignSplitEdges:
 
     @contextlib.contextmanager
     def edges(self, name: str, module: nn.Module) -> Iterator[Edges]:
-        with self.first.edges(name, module) as a, self.second.edges(name, module) as b:
-            split = []
-            for x, y in zip(a, b):
-                check_same_layout(name, x, y)
-                split.append(None if x is None else torch.where(x * y.to(x.dtype) < 0, torch.zeros_like(x), x))
-            yield tuple(split)
+        with paired_edges(self.first, self.second, name, module) as pairs:
+            yield tuple(None if x is None else torch.where(x * y.to(x.dtype) < 0, torch.zeros_like(x), x)
+                        for x, y in pairs)
 
 
 def magnitude(t: Optional[Tensor], q: float = 1.0) -> Optional[Tensor]:
@@ -166,13 +173,10 @@ class EnvelopeMagnitudes:
 
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
-        with self.first.edges(name, module) as a, self.second.edges(name, module) as b:
-            combined = []
-            for x, y in zip(a, b):
-                check_same_layout(name, x, y)
-                # reduce before widening to float64: half the memory traffic
-                combined.append(None if x is None else self.reduce(x.abs(), y.abs().to(x.dtype)).to(torch.float64))
-            yield tuple(combined)
+        with paired_edges(self.first, self.second, name, module) as pairs:
+            # reduce before widening to float64: half the memory traffic
+            yield tuple(None if x is None else self.reduce(x.abs(), y.abs().to(x.dtype)).to(torch.float64)
+                        for x, y in pairs)
 
 
 class ScoringMagnitudes:
