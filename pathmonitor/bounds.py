@@ -8,6 +8,7 @@ The architecture constants D, K, P, M, d_in, d_out are derived from the captured
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -80,10 +81,13 @@ def architecture_constants(graph: PathGraph, model: nn.Module) -> dict[str, int]
                 d_in=math.prod(graph.input_shape), d_out=recorder.output_size)
 
 
-def _positive(name: str, value: Any, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+def _check(name: str, value: Any, *, integer: bool = False, minimum: float = 0.0, strict: bool = True) -> None:
+    kind = numbers.Integral if integer else numbers.Real
+    valid = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > minimum if strict else value >= minimum)
+    if not valid:
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} {relation} {minimum:g}, got {value!r}")
 
 
 def generalization_bound(model: nn.Module, input_shape: Sequence[int], n_samples: int, input_bound: float,
@@ -94,14 +98,19 @@ def generalization_bound(model: nn.Module, input_shape: Sequence[int], n_samples
     """Bound on the generalization gap, L_loss * ||Phi(theta)||_1 * 4*C*B/sqrt(n) (MATH.md section 5).
 
     n_samples: training samples n; input_bound: B = max_i ||x_i||_inf over the (normalized) training
-    inputs. Every architecture constant is derived from the model and can be overridden."""
+    inputs, used as max(B, 1). Every architecture constant is derived from the model and can be
+    overridden."""
     model, shape = unwrapped(model), validated_input_shape(input_shape)
-    _positive("n_samples", n_samples, integer=True)
-    _positive("input_bound", input_bound)
-    _positive("loss_lipschitz", loss_lipschitz)
-    constants = architecture_constants(capture(model, shape), model)
+    _check("n_samples", n_samples, integer=True)
+    _check("input_bound", input_bound)
+    _check("loss_lipschitz", loss_lipschitz)
     overrides = dict(depth=depth, max_pool_kernel=max_pool_kernel, max_pool_kinds=max_pool_kinds,
                      max_pools_per_path=max_pools_per_path, d_in=d_in, d_out=d_out)
+    minimum = dict(depth=0, max_pool_kernel=1, max_pool_kinds=0, max_pools_per_path=0, d_in=1, d_out=1)
+    for key, value in overrides.items():
+        if value is not None:
+            _check(key, value, integer=True, minimum=minimum[key], strict=False)
+    constants = architecture_constants(capture(model, shape), model)
     constants.update({key: value for key, value in overrides.items() if value is not None})
     D, K, P, M = (constants[key] for key in ("depth", "max_pool_kernel", "max_pool_kinds", "max_pools_per_path"))
     n_in, n_out = constants["d_in"], constants["d_out"]
@@ -109,7 +118,8 @@ def generalization_bound(model: nn.Module, input_shape: Sequence[int], n_samples
         c_squared = D * math.log(3) + M * math.log(K) + math.log((n_in + 1) * n_out)
     else:
         c_squared = D * math.log((3 + 2 * P) * K) + math.log((3 + 2 * P) / (1 + P) * (n_in + 1) * n_out)
-    first_part = 4 * math.sqrt(c_squared) * input_bound / math.sqrt(n_samples)
+    # bias paths enter like inputs of value 1, so B below 1 counts as 1 (conservative either way)
+    first_part = 4 * math.sqrt(c_squared) * max(float(input_bound), 1.0) / math.sqrt(n_samples)
     with torch.no_grad():
         log_norm = float(log_path_norm(model, shape, 1.0))
     log_value = math.log(loss_lipschitz * first_part) + log_norm

@@ -41,12 +41,15 @@ def _map_tensors(value: Any, fn) -> Any:
     return value
 
 
-def _exp_factor(exponent: float, log_max: float) -> float:
-    """exp(exponent), the factor that brings z (whose maximum is exp(log_max)) to the new scale.
-
-    exponent <= -log_max, so z * exp(exponent) <= 1; only for a subnormal maximum could exp(exponent)
-    itself overflow, and then z is first divided by its maximum."""
-    return math.exp(exponent) if exponent < 700 else math.exp(-log_max) * math.exp(exponent + log_max)
+def _times_exp(t: Tensor, log_max: float, exponent: float) -> Tensor:
+    """t * exp(exponent), where max(t) = exp(log_max) and log_max + exponent <= 0 (so the result is
+    at most 1). Only when max(t) is tiny can exp(exponent) itself overflow; t is then first divided by
+    its maximum."""
+    if log_max == -math.inf:
+        return t
+    if exponent < 700:
+        return t * math.exp(exponent)
+    return t / math.exp(log_max) * math.exp(exponent + log_max)
 
 
 def _log_max(t: Tensor) -> float:
@@ -124,7 +127,12 @@ class Interpreter:
             if not isinstance(constant, (int, float)):
                 raise PathComputationError(f"{op.label}: the constant factor is a {type(constant).__name__}, "
                                            f"not a number; only scaling by numbers is in the path model")
-            return Scaled(args[0] * abs(constant) ** self.q, scale)
+            if constant == 0:
+                return Scaled(args[0] * 0.0, scale)
+            log_factor = self.q * math.log(abs(constant))
+            if self.log_scaled:  # exact at any magnitude: the factor joins the log-scale
+                return Scaled(args[0], scale + log_factor)
+            return Scaled(args[0] * (math.exp(log_factor) if log_factor < 709 else math.inf), scale)
         return self._affine(op, args[0], scale)
 
     def _affine(self, op: PathOp, x: Tensor, log_scale: float) -> Scaled:
@@ -140,9 +148,9 @@ class Interpreter:
             new_scale = max(terms)
             if new_scale == -math.inf:
                 return Scaled(z, log_scale)
-            out = z * _exp_factor(log_scale - new_scale, z_log) if z_log > -math.inf else z
+            out = _times_exp(z, z_log, log_scale - new_scale)
             if bias is not None:
-                out = out + bias_view(module, bias, z.dim()) * math.exp(-new_scale)
+                out = out + bias_view(module, _times_exp(bias, terms[1], -new_scale), z.dim())
             return Scaled(out, new_scale)
 
     def _total(self, op: PathOp, values: list[Any]) -> Scaled:
@@ -165,7 +173,17 @@ def evaluate(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: 
     return Interpreter(graph, model, magnitudes, q, log_scaled, device).run()
 
 
-_TINY = 1e-280  # below this a float64 sum has lost relative precision to subnormals
+PRECISE_MINIMUM = 1e-280  # below this a float64 sum has lost relative precision to subnormals
+
+
+def log_of(total: Scaled, q: float) -> Tensor:
+    """log of the value of a Scaled total, refusing NaN and +inf with the reason."""
+    log = torch.log(total.value) + total.log_scale
+    if bool(torch.isnan(log)) or float(log.detach()) == math.inf:
+        raise PathComputationError(
+            f"the |theta|^q network (q = {q:g}) produced {float(log.detach())}: a parameter is NaN or infinite, "
+            f"or |w|^q itself leaves the float64 range (use a smaller q)")
+    return log
 
 
 def log_total(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float,
@@ -174,10 +192,9 @@ def log_total(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q:
     autograd is on). A plain float64 pass, repeated with running log-scales only when it over- or
     underflows: both are exact, the plain one is cheaper."""
     total = evaluate(graph, model, magnitudes, q, log_scaled=False, device=device).value
-    if bool(torch.isfinite(total)) and float(total.detach()) > _TINY:
+    if bool(torch.isfinite(total)) and float(total.detach()) > PRECISE_MINIMUM:
         return torch.log(total)
-    scaled = evaluate(graph, model, magnitudes, q, log_scaled=True, device=device)
-    return torch.log(scaled.value) + scaled.log_scale
+    return log_of(evaluate(graph, model, magnitudes, q, log_scaled=True, device=device), q)
 
 
 def model_device(model: nn.Module) -> torch.device:

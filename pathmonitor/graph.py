@@ -95,7 +95,7 @@ _LEAF_TYPES = AFFINE_TYPES + POOL_TYPES + _IDENTITY_MODULES + _REINDEX_MODULES +
 
 _IDENTITY_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, operator.neg, torch.neg, F.dropout,
                        F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
-_IDENTITY_METHODS = {"relu", "neg", "float", "double", "to", "type_as"}
+_IDENTITY_METHODS = {"relu", "neg", "float", "double", "half", "bfloat16", "to", "type_as"}
 _SUM_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub}
 _SUM_METHODS = {"add", "sub", "__add__", "__sub__", "__radd__"}
 _SCALE_FUNCTIONS = {operator.mul: False, torch.mul: False, operator.truediv: True, torch.div: True}
@@ -109,6 +109,8 @@ _REINDEX_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "trans
                     "chunk", "split", "narrow", "select", "expand", "repeat", "flip", "roll", "t", "sum",
                     "view_as", "reshape_as", "expand_as", "__getitem__", "contiguous", "clone"}
 _SHAPE_METHODS = {"size", "dim", "numel"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
+_TRANSPOSE_ATTRIBUTES = {"T", "mT"}
 _MEAN_FUNCTIONS = {torch.mean}
 _NEAREST = ("nearest", "nearest-exact")
 
@@ -161,31 +163,44 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     """Every module in eval mode for the duration; each module's own flag restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        for m, _ in flags:  # the flag itself: a custom train() override may have side effects
+            m.training = False
         yield
     finally:
         for m, training in flags:
             m.training = training
 
 
-def _trace(model: nn.Module) -> fx.Graph:
+def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+    """The fx graph, and the tensor literals of `forward` that fx stores as attributes of the root:
+    they are taken back out of the model, which must be left as it was."""
+    if isinstance(model, _LEAF_TYPES):  # a bare layer: fx would trace into its functional forward
+        graph = fx.Graph()
+        graph.output(graph.call_module("", (graph.placeholder("input"),)))
+        return graph, {}
     tracer = _ScopedTracer()
+    before = set(vars(model))
     try:
         with eval_mode(model):
-            return tracer.trace(model)
+            graph = tracer.trace(model)
+        return graph, {key: vars(model)[key] for key in set(vars(model)) - before}
     except Exception as error:
         name, kind = tracer.failed_in or ("<model>", type(model).__name__)
         raise UnsupportedModelError((UnsupportedNode(
             name or "<model>", kind,
             f"could not be traced symbolically ({type(error).__name__}: {error}); data-dependent "
             f"control flow cannot be captured"),)) from error
+    finally:
+        for key in set(vars(model)) - before:
+            delattr(model, key)
 
 
 class _Builder:
     """Turns a traced fx graph into path ops, collecting every unsupported node."""
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]):
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], constants: dict[str, Any]):
         self.model = model
+        self.constants = constants
         self.input_shape = input_shape
         self.ops: list[PathOp] = []
         self.index: dict[fx.Node, int] = {}
@@ -214,6 +229,10 @@ class _Builder:
         fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if n in self.activation else None)
         return found
 
+    def _input_ref(self, node: fx.Node) -> Ref:
+        """The activation a single-input op reads, passed positionally or as `input=`."""
+        return Ref(self.index[_split_input(node)[0]])
+
     def _label(self, node: fx.Node, what: str) -> str:
         scope, kind = node.meta.get("pathmonitor_scope", ("", ""))
         return f"{what} in {scope} ({kind})" if scope else what
@@ -225,7 +244,8 @@ class _Builder:
         if kind is not OpKind.VALUE:
             self.activation.add(node)
         fields.setdefault("args", self._refs(node.args))
-        fields.setdefault("kwargs", self._refs(node.kwargs))
+        # a dtype argument only changes precision; the path network stays in float64
+        fields.setdefault("kwargs", self._refs({k: v for k, v in node.kwargs.items() if k != "dtype"}))
         return PathOp(kind, label, **fields)
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -233,6 +253,8 @@ class _Builder:
         if node.op == "placeholder":
             return self._placeholder(node)
         if node.op == "get_attr":
+            if node.target in self.constants:
+                return PathOp(OpKind.VALUE, f"constant {node.target}", fn=lambda value=self.constants[node.target]: value)
             return PathOp(OpKind.VALUE, f"attribute {node.target}", target=node.target)
         if node.op == "output":
             return PathOp(OpKind.OUTPUT, "output", args=self._refs(node.args))
@@ -260,8 +282,8 @@ class _Builder:
         return node.target
 
     def _module_op(self, node: fx.Node) -> Optional[PathOp]:
-        name = node.target
-        module = self.model.get_submodule(name)
+        module = self.model.get_submodule(node.target)
+        name = node.target or "<model>"
         kind = type(module).__name__
         label = f"{name} ({kind})"
         matched = next((cls for cls in _LEAF_TYPES if isinstance(module, cls)), None)
@@ -281,7 +303,7 @@ class _Builder:
             if reason:
                 self._reject(name, kind, reason)
                 return None
-            return self._make(node, OpKind.AFFINE, label, target=name, args=(Ref(self.index[node.args[0]]),), kwargs={})
+            return self._make(node, OpKind.AFFINE, label, target=node.target, args=(self._input_ref(node),), kwargs={})
         if isinstance(module, POOL_TYPES):
             if getattr(module, "return_indices", False):
                 self._reject(name, kind, "returns indices, which are not activations")
@@ -293,7 +315,7 @@ class _Builder:
         if reason:
             self._reject(name, kind, reason)
             return None
-        return self._make(node, OpKind.LINEAR, label, target=name, fn=module.forward)
+        return self._make(node, OpKind.LINEAR, label, target=node.target, fn=module.forward)
 
     def _function_op(self, node: fx.Node) -> Optional[PathOp]:
         target = node.target
@@ -301,9 +323,17 @@ class _Builder:
         what = _function_name(target)
         label = self._label(node, what)
         name = _method_name(target) if is_method else None
+        if ((name == "div") if is_method else (target is torch.div)) and node.kwargs.get("rounding_mode"):
+            self._reject(self._scope_name(node), what, "rounds, which is not a linear map")
+            return None
+        if is_method and name == "to" and _casts_to_non_float(node):
+            self._reject(self._scope_name(node), what, "casts to a non-floating dtype, which rounds")
+            return None
         if (name in _IDENTITY_METHODS) if is_method else (target in _IDENTITY_FUNCTIONS):
             return self._make(node, OpKind.IDENTITY, label)
-        if (name in _SHAPE_METHODS) if is_method else (target is builtins.getattr):
+        if not is_method and target is builtins.getattr:
+            return self._attribute(node, label, what)
+        if is_method and name in _SHAPE_METHODS:
             return self._make(node, OpKind.VALUE, label, fn=self._callable(node))
         if (name in _SUM_METHODS) if is_method else (target in _SUM_FUNCTIONS):
             return self._sum(node, label, what)
@@ -318,14 +348,16 @@ class _Builder:
         if not is_method and target in FUNCTIONAL_POOLS:
             return self._functional_pool(node, label, what)
         if not is_method and target is F.interpolate:
-            mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+            _, rest, kwargs = _split_input(node)
+            mode = kwargs.get("mode", rest[2] if len(rest) > 2 else "nearest")
             if mode in _NEAREST:
                 return self._make(node, OpKind.LINEAR, label, fn=target)
             self._reject(self._scope_name(node), what, f"mode {mode!r} interpolates; only nearest upsampling is supported")
             return None
         if not is_method and target is F.pad:
-            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+            _, rest, kwargs = _split_input(node)
+            mode = kwargs.get("mode", rest[1] if len(rest) > 1 else "constant")
+            value = kwargs.get("value", rest[2] if len(rest) > 2 else None)
             if mode != "constant" or not value:
                 return self._make(node, OpKind.LINEAR, label, fn=target)
             self._reject(self._scope_name(node), what, "pads with a non-zero constant, a bias without a parameter")
@@ -333,12 +365,21 @@ class _Builder:
         self._reject(self._scope_name(node), what, _function_reason(node, len(self._activations(node))))
         return None
 
+    def _attribute(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
+        attribute = node.args[1]
+        if attribute in _SHAPE_ATTRIBUTES:
+            return self._make(node, OpKind.VALUE, label, fn=builtins.getattr)
+        if attribute in _TRANSPOSE_ATTRIBUTES:
+            return self._make(node, OpKind.LINEAR, label, fn=builtins.getattr)
+        self._reject(self._scope_name(node), f"{what} {attribute!r}", "reads a tensor attribute outside the path model")
+        return None
+
     def _scope_name(self, node: fx.Node) -> str:
         scope, kind = node.meta.get("pathmonitor_scope", ("", ""))
         return f"{scope} ({kind})" if scope else "<model>"
 
     def _sum(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
-        operands = list(node.args[:2])
+        operands = _operands(node)
         alpha = node.kwargs.get("alpha", 1)
         if len(operands) == 2 and all(a in self.activation for a in operands) and alpha in (1, -1):
             refs = [Ref(self.index[a]) for a in operands]
@@ -349,7 +390,7 @@ class _Builder:
         return None
 
     def _scale(self, node: fx.Node, label: str, what: str, divides: bool) -> Optional[PathOp]:
-        operands = list(node.args[:2])
+        operands = _operands(node)
         activations = [a for a in operands if a in self.activation]
         if len(activations) == 2:
             self._reject(self._scope_name(node), what, "multiplies two activations, outside the path model")
@@ -365,18 +406,20 @@ class _Builder:
                           args=(Ref(self.index[activations[0]]), self._refs(constant)), kwargs={})
 
     def _mean(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        _, rest, kwargs = _split_input(node)
+        dim = kwargs.get("dim", rest[0] if rest else None)
+        keepdim = kwargs.get("keepdim", rest[1] if len(rest) > 1 else False)
         if isinstance(dim, fx.Node) or isinstance(keepdim, fx.Node) or "dtype" in node.kwargs:
             self._reject(self._scope_name(node), what, "mean with computed dimensions or a dtype is not supported")
             return None
         dim = tuple(dim) if isinstance(dim, list) else dim
         return self._make(node, OpKind.POOL, label, pool=MeanReduce(dim, bool(keepdim)),
-                          args=(Ref(self.index[node.args[0]]),), kwargs={})
+                          args=(self._input_ref(node),), kwargs={})
 
     def _functional_pool(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
         cls, names = FUNCTIONAL_POOLS[node.target]
-        settings = dict(zip(names, node.args[1:]), **node.kwargs)
+        _, rest, kwargs = _split_input(node)
+        settings = dict(zip(names, rest), **kwargs)
         if any(isinstance(v, fx.Node) for v in settings.values()):
             self._reject(self._scope_name(node), what, "pooling with computed arguments is not supported")
             return None
@@ -384,7 +427,28 @@ class _Builder:
             self._reject(self._scope_name(node), what, "returns indices, which are not activations")
             return None
         return self._make(node, OpKind.POOL, label, pool=pool_from_module(cls(**settings)),
-                          args=(Ref(self.index[node.args[0]]),), kwargs={})
+                          args=(self._input_ref(node),), kwargs={})
+
+
+def _split_input(node: fx.Node) -> tuple[Any, tuple, dict]:
+    """(input, remaining positional arguments, keyword arguments without the input)."""
+    if node.args:
+        return node.args[0], tuple(node.args[1:]), dict(node.kwargs)
+    kwargs = dict(node.kwargs)
+    return kwargs.pop("input", None), (), kwargs
+
+
+def _operands(node: fx.Node) -> list[Any]:
+    """The two operands of a binary op, also when the second is passed as `other=`."""
+    operands = list(node.args[:2])
+    if len(operands) < 2 and "other" in node.kwargs:
+        operands.append(node.kwargs["other"])
+    return operands
+
+
+def _casts_to_non_float(node: fx.Node) -> bool:
+    dtypes = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
+    return any(not d.is_floating_point for d in dtypes)
 
 
 def _reindex_module_problem(module: nn.Module) -> Optional[str]:
@@ -425,8 +489,15 @@ def longest_path(graph: PathGraph, weight: Callable[[PathOp], int]) -> int:
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
+
+
 def _structure(model: nn.Module) -> tuple:
-    return tuple((name, id(m), type(m)) for name, m in model.named_modules())
+    """What a traced graph depends on: the module tree and every module's plain settings (kernel
+    sizes, modes, flags read in forward); a change to any of them means tracing again."""
+    return tuple((name, id(m), type(m), tuple(sorted((key, value) for key, value in vars(m).items()
+                                                     if isinstance(value, _SETTING_TYPES) and key != "training")))
+                 for name, m in model.named_modules())
 
 
 def capture(model: nn.Module, input_shape: tuple[int, ...]) -> PathGraph:
@@ -436,7 +507,8 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> PathGraph:
     cached = per_model.get(input_shape)
     if cached is not None and cached[0] == structure:
         return cached[1]
-    graph = _Builder(model, input_shape).build(_trace(model))
+    traced, constants = _trace(model)
+    graph = _Builder(model, input_shape, constants).build(traced)
     per_model[input_shape] = (structure, graph)
     return graph
 

@@ -16,11 +16,12 @@ from torch import Tensor, nn
 
 from .engine import log_total
 from .graph import PathGraph, capture
+from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
 from .norms import unwrapped, validated_input_shape
 from .sources import (EdgeMagnitudes, Edges, EdgeSource, EnvelopeMagnitudes, ModuleSource, ParameterEdges,
                       ParameterSource, PowerMagnitudes, SignSplitEdges, StateDictSource, TransformedSource,
-                      magnitude, paired_edges)
+                      common_dtype, magnitude, paired_edges)
 
 Kind = Literal["pruning", "same_sign", "general"]
 Network = Union[nn.Module, Mapping[str, Tensor]]
@@ -51,9 +52,15 @@ def _log_l1(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes) -> f
 
 
 def _between_zero_and(x: Tensor, y: Tensor) -> bool:
-    """Whether every y_i lies between 0 and x_i (inclusive): y_i * (x_i - y_i) >= 0."""
-    gap = x - y
-    return not bool(gap.mul_(y).lt_(0).any())
+    """Whether every y_i lies between 0 and x_i (inclusive): sign(y_i) * sign(x_i - y_i) >= 0.
+
+    Signs, not products: a product of two tiny numbers can underflow to zero; the sign of a
+    floating-point difference is always exact."""
+    return not bool((x - y).sign_().mul_(y.sign()).lt_(0).any())
+
+
+def _opposite_signs(x: Tensor, y: Tensor) -> bool:
+    return bool((x.sign() * y.sign()).lt_(0).any())
 
 
 class _ComparingMagnitudes:
@@ -72,11 +79,12 @@ class _ComparingMagnitudes:
             for x, y in pairs:
                 if x is None:
                     continue
-                x, y = x.detach(), y.detach().to(x.dtype)
+                x, y = common_dtype(x.detach(), y.detach())
                 self.second_inside = self.second_inside and _between_zero_and(x, y)
-                if not self.second_inside:
-                    self.first_inside = self.first_inside and _between_zero_and(y, x)
-                    self.conflicts = self.conflicts or bool((x * y < 0).any())
+                self.first_inside = self.first_inside and _between_zero_and(y, x)
+                # where either flag still held, no sign differs; so only later tensors need a look
+                if not (self.second_inside or self.first_inside):
+                    self.conflicts = self.conflicts or _opposite_signs(x, y)
             yield magnitude(pairs[0][0]), magnitude(pairs[1][0])
 
 
@@ -136,18 +144,25 @@ def function_distance_bound(model: nn.Module, other: Network, input_shape: Seque
     return max(float(input_inf_norm), 1.0) * path_metric(model, other, input_shape).value
 
 
-def _per_channel_int8(t: Tensor) -> Tensor:
-    """Symmetric int8 round-to-nearest with one scale per output channel (dim 0)."""
+def _per_channel_int8(t: Tensor, module: nn.Module) -> Tensor:
+    """Symmetric int8 round-to-nearest with one scale per output channel (ConvTranspose weights hold
+    their output channels in dim 1, per group); vectors (biases, batch-norm) are left as they are."""
     if t.dim() < 2:
         return t
-    flat = t.detach().reshape(t.shape[0], -1)
-    scale = flat.abs().amax(dim=1).clamp_min(torch.finfo(t.dtype).tiny) / 127
-    return (torch.round(flat / scale[:, None]).clamp(-127, 127) * scale[:, None]).reshape(t.shape)
+    t = t.detach()
+    if isinstance(module, TRANSPOSED_CONVOLUTIONS):  # (in, out/groups, *k) -> (groups, in/groups, out/groups, k)
+        grouped = t.reshape(module.groups, t.shape[0] // module.groups, t.shape[1], -1)
+        reduce_dims = (1, 3)
+    else:
+        grouped = t.reshape(t.shape[0], -1)
+        reduce_dims = (1,)
+    scale = grouped.abs().amax(dim=reduce_dims, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny) / 127
+    return (torch.round(grouped / scale).clamp(-127, 127) * scale).reshape(t.shape)
 
 
-QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
-    "bf16": lambda t: t.detach().to(torch.bfloat16).to(t.dtype),
-    "fp16": lambda t: t.detach().to(torch.float16).to(t.dtype),
+QUANTIZERS: dict[str, Callable[[Tensor, nn.Module], Tensor]] = {
+    "bf16": lambda t, module: t.detach().to(torch.bfloat16).to(t.dtype),
+    "fp16": lambda t, module: t.detach().to(torch.float16).to(t.dtype),
     "int8": _per_channel_int8,
 }
 
@@ -163,7 +178,11 @@ def quantization_bound(model: nn.Module, quantize: Union[str, Callable[[Tensor],
     if isinstance(quantize, str):
         if quantize not in QUANTIZERS:
             raise ValueError(f"unknown quantizer {quantize!r}; choose one of {sorted(QUANTIZERS)} or pass a function")
-        quantize = QUANTIZERS[quantize]
+        transform = QUANTIZERS[quantize]
+    elif callable(quantize):
+        transform = lambda t, module: quantize(t.detach())  # noqa: E731
+    else:
+        raise TypeError(f"quantize must be a quantizer name or a function tensor -> tensor, got {quantize!r}")
     model, shape = unwrapped(model), validated_input_shape(input_shape)
     source = ModuleSource(model)
-    return metric_between(capture(model, shape), model, source, TransformedSource(source, quantize))
+    return metric_between(capture(model, shape), model, source, TransformedSource(source, transform))

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .engine import Scaled, evaluate
+from .engine import PRECISE_MINIMUM, Scaled, evaluate, log_of
 from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import capture, check_graph
 from .logmath import exceeds_float64
@@ -36,10 +36,16 @@ def validated_q(q: float) -> float:
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The user's module inside a DistributedDataParallel wrapper."""
+    """The user's module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
 
 
 def sum_of_powers(model: nn.Module, input_shape: Sequence[int], q: float, *, log_scaled: bool) -> Scaled:
@@ -51,8 +57,7 @@ def sum_of_powers(model: nn.Module, input_shape: Sequence[int], q: float, *, log
 
 def log_path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> Tensor:
     """log ||Phi(theta)||_q, computed with running log-scales so that it never overflows (MATH.md §2)."""
-    total = sum_of_powers(model, input_shape, q, log_scaled=True)
-    return (torch.log(total.value) + total.log_scale) / q
+    return log_of(sum_of_powers(model, input_shape, q, log_scaled=True), q) / q
 
 
 def path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> Tensor:
@@ -60,10 +65,11 @@ def path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> T
 
     A 0-dim float64 tensor, differentiable with respect to the model's parameters when autograd is on.
     Batch-norm layers always use their running statistics. Returns inf, with a warning, only when the
-    true value exceeds float64; `log_path_norm` gives its exact logarithm.
+    true value exceeds float64; `log_path_norm` gives its exact logarithm. A plain float64 pass, repeated
+    with running log-scales when it over- or underflows.
     """
     total = sum_of_powers(model, input_shape, q, log_scaled=False).value
-    if bool(torch.isfinite(total)):
+    if bool(torch.isfinite(total)) and float(total.detach()) > PRECISE_MINIMUM:
         return total if q == 1 else total ** (1.0 / q)
     log_norm = log_path_norm(model, input_shape, q)
     if exceeds_float64(float(log_norm)):

@@ -143,7 +143,8 @@ class MeanReduce:
     keepdim: bool
 
     def magnitudes(self, x: Tensor, q: float) -> Tensor:
-        average = x.mean() if self.dim is None else x.mean(self.dim, self.keepdim)
+        dims = tuple(range(x.dim())) if self.dim is None else self.dim
+        average = x.mean(dims, self.keepdim)
         return average if q == 1 else average * (x.numel() // average.numel()) ** (1 - q)
 
 

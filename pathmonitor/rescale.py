@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .graph import OpKind, PathGraph, topology
 from .layers import BATCH_NORMS, TRANSPOSED_CONVOLUTIONS
@@ -32,31 +33,42 @@ def _grouped(weight: Tensor, groups: int) -> Tensor:
     return weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
 
 
-def scale_output_channels(module: nn.Module, factors: Tensor) -> None:
+def _stored(module: nn.Module, name: str, key: str) -> Optional[Tensor]:
+    """The tensor that holds a module's `key` and survives the next forward: `weight_orig` for a
+    module pruned with torch.nn.utils.prune (its mask commutes with channel scaling)."""
+    if parametrize.is_parametrized(module, key):
+        raise ValueError(f"module {name!r} ({type(module).__name__}) has a parametrized {key}; "
+                         f"random_rescale cannot rescale it")
+    original = getattr(module, f"{key}_orig", None)
+    stored = original if isinstance(original, Tensor) else getattr(module, key, None)
+    return None if stored is None else stored.data
+
+
+def scale_output_channels(module: nn.Module, factors: Tensor, name: str = "") -> None:
     """Multiply the incoming weights and bias of every output channel c by factors[c]."""
-    weight = module.weight
+    weight, bias = _stored(module, name, "weight"), _stored(module, name, "bias")
     if isinstance(module, TRANSPOSED_CONVOLUTIONS):  # weight: (in, out/groups, *k)
-        grouped = _grouped(weight.data, module.groups)
+        grouped = _grouped(weight, module.groups)
         grouped.mul_(factors.view(module.groups, 1, -1, *([1] * (weight.dim() - 2))).to(weight.dtype))
     else:
-        weight.data.mul_(factors.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
-    if module.bias is not None:
-        module.bias.data.mul_(factors.to(module.bias.dtype))
+        weight.mul_(factors.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
+    if bias is not None:
+        bias.mul_(factors.to(bias.dtype))
 
 
-def compensate_input_channels(module: nn.Module, factors: Tensor) -> None:
+def compensate_input_channels(module: nn.Module, factors: Tensor, name: str = "") -> None:
     """Undo, inside `module`, a multiplication of its input channel c by factors[c]."""
     if isinstance(module, BATCH_NORMS):  # the running statistics absorb the factor exactly
         module.running_var.copy_(factors ** 2 * (module.running_var + module.eps) - module.eps)
         module.running_mean.mul_(factors.to(module.running_mean.dtype))
         return
-    weight = module.weight
+    weight = _stored(module, name, "weight")
     if isinstance(module, nn.Linear):
-        weight.data.div_(factors.view(1, -1).to(weight.dtype))
+        weight.div_(factors.view(1, -1).to(weight.dtype))
     elif isinstance(module, TRANSPOSED_CONVOLUTIONS):  # input channel c is weight[c]
-        weight.data.div_(factors.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
+        weight.div_(factors.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
     else:  # Conv: input channel g*in_per_group + j feeds the outputs of group g through weight[..., j]
-        grouped = _grouped(weight.data, module.groups)
+        grouped = _grouped(weight, module.groups)
         grouped.div_(factors.view(module.groups, 1, -1, *([1] * (weight.dim() - 2))).to(weight.dtype))
 
 
@@ -98,7 +110,11 @@ def random_rescale(model: nn.Module, factors: Sequence[float] = (1, 128, 4096),
     if not factors or any(not (isinstance(f, (int, float)) and f > 0) for f in factors):
         raise ValueError(f"factors must be positive numbers, got {factors!r}")
     model = unwrapped(model)
-    rescaled = copy.deepcopy(model)
+    try:
+        rescaled = copy.deepcopy(model)
+    except RuntimeError as error:
+        raise ValueError(f"random_rescale works on a copy, and this model cannot be copied ({error}). A model "
+                         f"pruned with torch.nn.utils.prune can be copied after one forward pass.") from error
     choices = torch.tensor([float(f) for f in factors], dtype=torch.float64)
     with torch.no_grad():
         for producer_name, consumer_names in rescalable_pairs(topology(model), model):
@@ -110,9 +126,9 @@ def random_rescale(model: nn.Module, factors: Sequence[float] = (1, 128, 4096),
                 if isinstance(consumer, BATCH_NORMS):
                     lam = torch.where(lam ** 2 * (consumer.running_var.double() + consumer.eps) - consumer.eps < 0,
                                       torch.ones_like(lam), lam)
-            scale_output_channels(producer, lam)
+            scale_output_channels(producer, lam, producer_name)
             for name in consumer_names:
-                compensate_input_channels(rescaled.get_submodule(name), lam)
+                compensate_input_channels(rescaled.get_submodule(name), lam, name)
     return rescaled
 
 

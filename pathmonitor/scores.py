@@ -7,13 +7,15 @@ layer at most once and ||Phi||_1 is multilinear in the weights. Invariant under 
 from __future__ import annotations
 
 import warnings
+import math
+from collections import Counter
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .engine import log_total
-from .graph import PathGraph, capture
+from .graph import OpKind, PathGraph, capture, longest_path
 from .layers import BATCH_NORMS
 from .logmath import exceeds_float64, exp_or_inf
 from .norms import PathNormOverflowWarning, unwrapped, validated_input_shape
@@ -32,13 +34,26 @@ def prunable_weights(graph: PathGraph, model: nn.Module) -> list[str]:
 def _selected_modules(graph: PathGraph, model: nn.Module, parameters: Optional[Iterable[str]]) -> list[str]:
     allowed = prunable_weights(graph, model)
     if parameters is None:
-        return [name[: -len(".weight")] for name in allowed]
-    chosen = list(parameters)
-    unknown = [name for name in chosen if name not in allowed]
-    if unknown:
-        raise ValueError(f"cannot score {unknown}: path-magnitude scores exist for the weights of Linear / Conv / "
-                         f"ConvTranspose layers on the input-output paths, e.g. {allowed[:3]}")
-    return [name[: -len(".weight")] for name in chosen]
+        chosen = allowed
+    else:
+        chosen = list(dict.fromkeys([parameters] if isinstance(parameters, str) else parameters))
+        unknown = [name for name in chosen if name not in allowed]
+        if unknown:
+            raise ValueError(f"cannot score {unknown}: path-magnitude scores exist for the weights of Linear / Conv / "
+                             f"ConvTranspose layers on the input-output paths, e.g. {allowed[:3]}")
+    modules = [name[: -len(".weight")] for name in chosen]
+    _check_single_crossing(graph, modules)
+    return modules
+
+
+def _check_single_crossing(graph: PathGraph, modules: list[str]) -> None:
+    """Scores are exact only when no path crosses a scored module twice (||Phi||_1 multilinear)."""
+    calls = Counter(graph.affine_modules())
+    for name in modules:
+        if calls[name] > 1 and longest_path(graph, lambda op: int(op.kind is OpKind.AFFINE and op.target == name)) > 1:
+            raise ValueError(f"module {name!r} is applied twice on one input-output path, so ||Phi||_1 is not "
+                             f"linear in its weights and path-magnitude scores would be wrong; leave it out of "
+                             f"`parameters`")
 
 
 def scores_from(graph: PathGraph, model: nn.Module, source: ParameterSource, modules: list[str]) -> tuple[dict[str, Tensor], float]:
@@ -49,6 +64,8 @@ def scores_from(graph: PathGraph, model: nn.Module, source: ParameterSource, mod
     with torch.enable_grad():
         log_norm = log_total(graph, model, magnitudes, 1.0)
         leaves = [magnitudes.leaves[name] for name in modules]
+        if float(log_norm.detach()) == -math.inf:  # no path carries weight: pruning anything changes nothing
+            return {f"{name}.weight": torch.zeros_like(leaf.detach()) for name, leaf in zip(modules, leaves)}, -math.inf
         grads = torch.autograd.grad(log_norm, leaves, allow_unused=True)
     relative = {}
     for name, leaf, grad in zip(modules, leaves, grads):

@@ -43,8 +43,17 @@ class ModuleSource:
         if type(own) is not type(module):
             raise ParameterMismatchError(f"module {name!r} is a {type(own).__name__} in the other network, "
                              f"a {type(module).__name__} in the model")
-        # getattr, not named_parameters: a parametrized or pruned module exposes its effective weight
-        yield {key: getattr(own, key, None) for key in tensor_names(module)}
+        yield {key: _effective(own, key) for key in tensor_names(module)}
+
+
+def _effective(module: nn.Module, key: str) -> Optional[Tensor]:
+    """The tensor the module's forward would use now. torch.nn.utils.prune keeps `weight_orig` and
+    `weight_mask` and refreshes `weight` only in a forward pre-hook, so it may be one step stale;
+    parametrizations compute it on access."""
+    original, mask = getattr(module, f"{key}_orig", None), getattr(module, f"{key}_mask", None)
+    if isinstance(original, Tensor) and isinstance(mask, Tensor):
+        return original * mask
+    return getattr(module, key, None)
 
 
 class StateDictSource:
@@ -60,11 +69,21 @@ class StateDictSource:
             full = f"{name}.{key}"
             if full in self.state_dict:
                 found[key] = self.state_dict[full]
+            elif f"{full}_orig" in self.state_dict and f"{full}_mask" in self.state_dict:  # torch.nn.utils.prune
+                found[key] = self.state_dict[f"{full}_orig"] * self.state_dict[f"{full}_mask"]
             elif getattr(module, key, None) is not None:
-                raise ParameterMismatchError(f"the state dict has no entry {full!r} for module {name!r} ({type(module).__name__})")
+                raise ParameterMismatchError(f"the state dict has no entry {full!r} for module {name!r} "
+                                             f"({type(module).__name__}){self._prefix_hint(full)}")
             else:
                 found[key] = None
         yield found
+
+    def _prefix_hint(self, full: str) -> str:
+        prefixed = next((key for key in self.state_dict if key.endswith("." + full)), None)
+        if prefixed is None:
+            return ""
+        prefix = prefixed[: -len(full)]
+        return f"; it has {prefixed!r}: strip the prefix {prefix!r} (added by a wrapper such as DDP or a LightningModule)"
 
 
 class MetaSource:
@@ -79,17 +98,17 @@ class MetaSource:
 
 
 class TransformedSource:
-    """Another source with `transform` applied to every weight and bias (running statistics untouched),
-    e.g. a quantizer; nothing is copied beyond the module being read."""
+    """Another source with `transform(tensor, module)` applied to every weight and bias (running
+    statistics untouched), e.g. a quantizer; nothing is copied beyond the module being read."""
 
-    def __init__(self, source: ParameterSource, transform: Callable[[Tensor], Tensor]):
+    def __init__(self, source: ParameterSource, transform: Callable[[Tensor, nn.Module], Tensor]):
         self.source = source
         self.transform = transform
 
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
         with self.source.tensors(name, module) as tensors:
-            yield {key: t if t is None or key.startswith("running_") else self.transform(t)
+            yield {key: t if t is None or key.startswith("running_") else self.transform(t, module)
                    for key, t in tensors.items()}
 
 
@@ -116,6 +135,12 @@ def check_same_layout(name: str, a: Optional[Tensor], b: Optional[Tensor]) -> No
         raise ParameterMismatchError(f"module {name!r} differs between the two networks: {describe(a)} vs {describe(b)}")
 
 
+def common_dtype(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Both tensors in the wider of their dtypes, so that comparing them rounds nothing."""
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return x.to(dtype), y.to(dtype)
+
+
 @contextlib.contextmanager
 def paired_edges(first: EdgeSource, second: EdgeSource, name: str, module: nn.Module) -> Iterator[list[tuple]]:
     """[(weight of first, weight of second), (bias of first, bias of second)], checked to match."""
@@ -135,7 +160,7 @@ class SignSplitEdges:
     @contextlib.contextmanager
     def edges(self, name: str, module: nn.Module) -> Iterator[Edges]:
         with paired_edges(self.first, self.second, name, module) as pairs:
-            yield tuple(None if x is None else torch.where(x * y.to(x.dtype) < 0, torch.zeros_like(x), x)
+            yield tuple(None if x is None else torch.where(x.sign() * y.sign() < 0, torch.zeros_like(x), x)
                         for x, y in pairs)
 
 
@@ -175,7 +200,7 @@ class EnvelopeMagnitudes:
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
         with paired_edges(self.first, self.second, name, module) as pairs:
             # reduce before widening to float64: half the memory traffic
-            yield tuple(None if x is None else self.reduce(x.abs(), y.abs().to(x.dtype)).to(torch.float64)
+            yield tuple(None if x is None else self.reduce(*common_dtype(x.abs(), y.abs())).to(torch.float64)
                         for x, y in pairs)
 
 

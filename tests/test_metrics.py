@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401  (makes torch.nn.utils.prune available)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -133,14 +134,14 @@ def test_deep_networks_do_not_overflow():
 @pytest.mark.parametrize("name", TINY)
 def test_quantization_bound_dominates_and_certifies(quantizer, name):
     net, shape = make(name, 5)
-    quantize = pm.metrics.QUANTIZERS[quantizer] if isinstance(quantizer, str) else quantizer
+    quantize = pm.metrics.QUANTIZERS[quantizer] if isinstance(quantizer, str) else (lambda t, module: quantizer(t))
     quantized = copy.deepcopy(net)
     with torch.no_grad():
         for module in quantized.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.BatchNorm2d)):
                 for p in (module.weight, module.bias):
                     if p is not None:
-                        p.copy_(quantize(p))
+                        p.copy_(quantize(p, module))
     truth = enumerated_path_metric(neuron_dag([net, quantized], shape))
     bound = pm.quantization_bound(net, quantizer, shape)
     assert bound.value >= truth * (1 - 1e-12) and truth > 0
@@ -183,3 +184,64 @@ def test_pruning_bound_is_attained_on_nonnegative_networks(seed):
     with torch.no_grad():
         moved = float((net(ones) - pruned(ones)).abs().sum())
     assert metric.exact and moved == pytest.approx(metric.value, rel=1e-9)
+
+
+def test_int8_scales_transposed_convolutions_per_output_channel():
+    layer = nn.ConvTranspose2d(4, 6, 2, groups=2)
+    with torch.no_grad():
+        layer.weight[:, 1] *= 1e-3  # output channels 1 and 4 are a thousand times smaller
+    quantized = pm.metrics.QUANTIZERS["int8"](layer.weight, layer)
+    grouped = layer.weight.detach().reshape(2, 2, 3, -1)
+    error = (quantized.reshape(2, 2, 3, -1) - grouped).abs().amax(dim=(1, 3))
+    scale = grouped.abs().amax(dim=(1, 3)) / 127
+    assert bool((error <= scale / 2 * (1 + 1e-6)).all())
+    assert bool((quantized[:, 1] != 0).all())
+
+
+def test_mixed_precision_pairs_are_compared_without_rounding():
+    torch.manual_seed(0)
+    master = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        for p in master.parameters():
+            p.add_(torch.randn_like(p) * 1e-6)  # values that float32 cannot hold exactly
+    model = copy.deepcopy(master).float()
+    truth = enumerated_path_metric(neuron_dag([copy.deepcopy(model).double(), master], (3,)))
+    metric = pm.path_metric(model, master.state_dict(), (3,))
+    assert metric.value >= truth * (1 - 1e-9) and truth > 0
+    if metric.exact:
+        assert metric.value == pytest.approx(truth, rel=1e-6)
+
+
+def test_a_pair_that_shrinks_one_tensor_and_grows_another_is_not_exact():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b[0].weight.mul_(0.5)
+        b[2].bias.mul_(3.0)
+    truth = enumerated_path_metric(neuron_dag([a, b], (2,)))
+    for first, second in ((a, b), (b, a)):
+        metric = pm.path_metric(first, second, (2,))
+        assert metric.kind == "same_sign" and not metric.exact and metric.value >= truth * (1 - 1e-12)
+
+
+def test_tiny_opposite_weights_are_a_sign_conflict():
+    a, b = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        a.weight.fill_(1e-25)
+        b.weight.fill_(-1e-25)
+    metric = pm.path_metric(a, b, (1,))
+    assert metric.kind == "general" and metric.value == pytest.approx(2e-25, rel=1e-6)
+
+
+def test_state_dict_hints():
+    net, shape = make("tiny_conv", 0)
+    prefixed = {f"module.{k}": v for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="strip the prefix 'module.'"):
+        pm.path_metric(net, prefixed, shape)
+    pruned = copy.deepcopy(net)
+    torch.nn.utils.prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    state = pruned.state_dict()
+    assert "0.weight_orig" in state and "0.weight" not in state
+    torch.nn.utils.prune.remove(pruned[0], "weight")
+    assert pm.path_metric(net, state, shape).value == pytest.approx(pm.path_metric(net, pruned, shape).value)

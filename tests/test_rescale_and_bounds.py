@@ -70,3 +70,36 @@ def test_bound_rejects_bad_arguments(kwargs):
     arguments = {"n_samples": 10, "input_bound": 1.0, **kwargs}
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         pm.generalization_bound(nn.Linear(3, 2), (3,), **arguments)
+
+
+def test_random_rescale_of_pruned_and_parametrized_modules():
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = net(x)  # the forward also makes the pruned model copyable
+    rescaled = pm.random_rescale(net, factors=(128.0,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rescaled(x), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(rescaled[0].weight_orig, net[0].weight_orig)
+    normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="'0'.*parametrized"):
+        pm.random_rescale(normed)
+
+
+@pytest.mark.parametrize("override", [{"depth": -3}, {"max_pool_kernel": 0}, {"d_out": 0}, {"max_pool_kinds": -1},
+                                      {"depth": 2.5}])
+def test_bound_rejects_bad_overrides(override):
+    with pytest.raises(ValueError, match=next(iter(override))):
+        pm.generalization_bound(nn.Linear(3, 2), (3,), 10, 1.0, **override)
+
+
+def test_bound_accepts_numpy_integers_and_treats_small_input_bounds_as_one():
+    import numpy as np
+
+    model = nn.Linear(3, 2)
+    small = pm.generalization_bound(model, (3,), np.int64(100), 0.5)
+    assert small.first_part == pm.generalization_bound(model, (3,), 100, 1.0).first_part

@@ -88,3 +88,44 @@ def test_scores_leave_gradients_alone():
     frozen = copy.deepcopy(net).requires_grad_(False)
     torch.testing.assert_close(pm.path_magnitude_scores(frozen, shape)["0.weight"],
                                pm.path_magnitude_scores(net, shape)["0.weight"])
+
+
+def test_zero_path_norm_duplicates_strings_and_modules_used_twice():
+    net, shape = make("tiny_conv", 0)
+    with torch.no_grad():
+        dead = copy.deepcopy(net)
+        dead[6].weight.zero_()
+        dead[6].bias.zero_()
+    scores = pm.path_magnitude_scores(dead, shape)
+    assert all(bool((s == 0).all()) for s in scores.values())
+    single = pm.path_magnitude_scores(net, shape, parameters="0.weight")
+    doubled = pm.path_magnitude_scores(net, shape, parameters=["0.weight", "0.weight"])
+    torch.testing.assert_close(single["0.weight"], doubled["0.weight"])
+    assert list(doubled) == ["0.weight"]
+    shared = nn.Linear(3, 3)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    with pytest.raises(ValueError, match="'0' is applied twice"):
+        pm.path_magnitude_scores(twice, (3,))
+
+
+class Siamese(nn.Module):
+    """One module on two parallel branches: every path crosses it once, so scores stay exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.shared(x)) + torch.relu(self.shared(x * 2.0)))
+
+
+def test_module_on_parallel_branches_is_scored_exactly():
+    model = Siamese().double()
+    scores = pm.path_magnitude_scores(model, (3,))
+    base = float(pm.path_norm(model, (3,)).detach())
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        pruned.shared.weight[1, 2] = 0
+    assert float(scores["shared.weight"][1, 2]) == pytest.approx(base - float(pm.path_norm(pruned, (3,)).detach()),
+                                                                 rel=1e-9)

@@ -121,12 +121,15 @@ def test_capture_is_cached_and_invalidated_when_structure_changes():
     from pathmonitor.graph import capture
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    original_relu = model[1]  # held, so that a new module cannot reuse its id
     first = capture(model, (4,))
     assert capture(model, (4,)) is first
     model[1] = nn.GELU()
     with pytest.raises(pm.UnsupportedModelError, match="GELU"):
         pm.path_norm(model, (4,))
     model[1] = nn.ReLU()
+    assert capture(model, (4,)) is not first
+    model[1] = original_relu
     assert capture(model, (4,)) is not first
     assert float(pm.path_norm(model, (4,))) > 0
 
