@@ -165,11 +165,15 @@ class SignSplitEdges:
 
 
 def magnitude(t: Optional[Tensor], q: float = 1.0) -> Optional[Tensor]:
+    """|t|^q in float64: a fresh tensor, never a view of the model's own."""
     if t is None:
         return None
-    # abs before widening: half the memory traffic of widening first
-    magnitude = t.abs().to(torch.float64)
-    return magnitude if q == 1 else magnitude.pow(q)
+    if t.requires_grad and torch.is_grad_enabled():
+        widened = t.abs().to(torch.float64)  # abs before widening: half the memory traffic
+        return widened if q == 1 else widened.pow(q)
+    # no graph to keep: widen into a fresh buffer and work in place, one allocation in all
+    widened = t.detach().to(torch.float64, copy=True).abs_()
+    return widened if q == 1 else widened.pow_(q)
 
 
 class EdgeMagnitudes(Protocol):
