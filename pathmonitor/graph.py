@@ -308,9 +308,10 @@ class _Builder:
             if getattr(module, "return_indices", False):
                 self._reject(name, kind, "returns indices, which are not activations")
                 return None
-            return self._make(node, OpKind.POOL, label, pool=pool_from_module(module))
+            return self._make(node, OpKind.POOL, label, pool=pool_from_module(module), args=(self._input_ref(node),),
+                              kwargs={})
         if isinstance(module, _IDENTITY_MODULES):
-            return self._make(node, OpKind.IDENTITY, label)
+            return self._make(node, OpKind.IDENTITY, label, args=(self._input_ref(node),), kwargs={})
         reason = _reindex_module_problem(module)
         if reason:
             self._reject(name, kind, reason)
@@ -330,7 +331,7 @@ class _Builder:
             self._reject(self._scope_name(node), what, "casts to a non-floating dtype, which rounds")
             return None
         if (name in _IDENTITY_METHODS) if is_method else (target in _IDENTITY_FUNCTIONS):
-            return self._make(node, OpKind.IDENTITY, label)
+            return self._make(node, OpKind.IDENTITY, label, args=(self._input_ref(node),), kwargs={})
         if not is_method and target is builtins.getattr:
             return self._attribute(node, label, what)
         if is_method and name in _SHAPE_METHODS:

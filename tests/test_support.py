@@ -1,7 +1,6 @@
 """What is outside the path model is a clear error naming every offending node (MATH.md section 1)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import pathmonitor as pm
