@@ -72,8 +72,8 @@ def path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> T
     if bool(torch.isfinite(total)) and float(total.detach()) > PRECISE_MINIMUM:
         return total if q == 1 else total ** (1.0 / q)
     log_norm = log_path_norm(model, input_shape, q)
-    if exceeds_float64(float(log_norm)):
-        warnings.warn(f"the L{q:g} path-norm is exp({float(log_norm):.6g}), beyond float64; returning inf. "
+    if exceeds_float64(float(log_norm.detach())):
+        warnings.warn(f"the L{q:g} path-norm is exp({float(log_norm.detach()):.6g}), beyond float64; returning inf. "
                       f"Use pathmonitor.log_path_norm for its exact logarithm.", PathNormOverflowWarning, stacklevel=2)
     return torch.exp(log_norm)
 
