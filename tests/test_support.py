@@ -130,7 +130,7 @@ def test_capture_is_cached_and_invalidated_when_structure_changes():
     assert capture(model, (4,)) is not first
     model[1] = original_relu
     assert capture(model, (4,)) is not first
-    assert float(pm.path_norm(model, (4,))) > 0
+    assert float(pm.path_norm(model, (4,)).detach()) > 0
 
 
 def test_data_parallel_wrapper_is_unwrapped_and_non_modules_rejected():
