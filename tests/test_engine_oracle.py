@@ -3,12 +3,15 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
 import pathmonitor as pm
 from nets import ORACLE_NETS, make
 from oracle import Fn, enumerated_path_sum, neuron_dag, path_sum
+from random_nets import random_net
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -50,3 +53,18 @@ def test_value_depends_on_input_resolution():
     net, _ = make("conv_pool_chain", 0)
     with torch.no_grad():
         assert float(pm.path_norm(net, (2, 9, 11))) != pytest.approx(float(pm.path_norm(net, (2, 12, 12))), rel=1e-3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2 ** 20))
+def test_random_dags_match_the_oracle(seed):
+    """Random compositions of every supported layer, residual adds, subtractions and concatenations,
+    with random strides, paddings, dilations, groups, ceil modes and divisors."""
+    net, shape = random_net(seed)
+    dag = neuron_dag(net, shape)
+    with torch.no_grad():
+        for q in (1, 2, 3):
+            expected = path_sum(dag, q)
+            assert float(pm.path_norm(net, shape, q=q)) ** q == pytest.approx(expected, rel=1e-9), (q, net)
+            assert q * float(pm.log_path_norm(net, shape, q=q)) == pytest.approx(math.log(expected), rel=1e-9,
+                                                                                 abs=1e-12), (q, net)

@@ -11,7 +11,8 @@ from torch import nn
 
 import pathmonitor as pm
 from nets import ORACLE_NETS, make
-from oracle import enumerated_path_metric, neuron_dag
+from oracle import enumerated_path_metric, neuron_dag, path_sum
+from random_nets import random_net
 from perturb import perturbed
 
 TINY = ["tiny_residual", "tiny_conv", "two_heads"]
@@ -64,6 +65,26 @@ def test_function_distance_theorem(name, kind, seed, log_scale):
         distance = (_outputs(net, x) - _outputs(other, x)).abs().sum(dim=1)
     radius = x.flatten(1).abs().amax(dim=1).clamp_min(1.0)
     assert bool((distance <= radius * metric.value * (1 + 1e-9) + 1e-12).all()), (distance / radius).max()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 20), kind=st.sampled_from(["pruning", "same_sign", "general"]),
+       log_scale=st.floats(-2, 3))
+def test_theorem_and_pruning_exactness_on_random_dags(seed, kind, log_scale):
+    net, shape = random_net(seed)
+    net = net.double()
+    g = torch.Generator().manual_seed(seed)
+    other = perturbed(net, kind, g)
+    metric = pm.path_metric(net, other, shape)
+    if kind == "pruning":  # sum_p |Phi_p(a)| - |Phi_p(b)|, every term non-negative, by the oracle
+        dag = neuron_dag([net, other], shape)
+        assert metric.exact and metric.value == pytest.approx(path_sum(dag, 1, 0) - path_sum(dag, 1, 1),
+                                                              rel=1e-7, abs=1e-12 * path_sum(dag, 1, 0))
+    x = torch.randn((8,) + shape, generator=g, dtype=torch.float64) * 10 ** log_scale
+    with torch.no_grad():
+        distance = (_outputs(net, x) - _outputs(other, x)).abs().sum(dim=1)
+    radius = x.flatten(1).abs().amax(dim=1).clamp_min(1.0)
+    assert bool((distance <= radius * metric.value * (1 + 1e-9) + 1e-12).all())
 
 
 def test_sign_split_is_needed():
