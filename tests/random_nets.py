@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nets import randomize_batch_norms
-from oracle import Add, Cat, Fn
+from oracle import Add, Cat, Fn, Sub
 
 
 def _shape_after(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -79,7 +79,7 @@ def _block(rng: random.Random, shape: tuple[int, int, int], depth: int) -> tuple
         branch = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), *([nn.BatchNorm2d(c)] if rng.random() < 0.5 else []),
                                nn.ReLU(), nn.Conv2d(c, c, 1, bias=rng.random() < 0.5))
         skip = rng.choice([nn.Identity(), nn.Conv2d(c, c, 1)])
-        return (Add(branch, skip) if rng.random() < 0.8 else _sub(branch, skip)), shape
+        return (Add(branch, skip) if rng.random() < 0.8 else Sub(branch, skip)), shape
     if depth > 0 and choice < 0.45:  # concatenation of two branches brought to one spatial size
         first, first_shape = _block(rng, shape, depth - 1)
         size = first_shape[1:]
@@ -103,11 +103,6 @@ def _valid_leaf(rng: random.Random, shape: tuple[int, int, int]) -> tuple[nn.Mod
         if all(1 <= size <= 8 for size in out[1:]):
             return layer, out
     return nn.ReLU(), shape
-
-
-def _sub(a: nn.Module, b: nn.Module) -> nn.Module:
-    from oracle import Sub
-    return Sub(a, b)
 
 
 def random_net(seed: int) -> tuple[nn.Module, tuple[int, int, int]]:
