@@ -43,13 +43,12 @@ def _map_tensors(value: Any, fn) -> Any:
 
 def _times_exp(t: Tensor, log_max: float, exponent: float) -> Tensor:
     """t * exp(exponent), where max(t) = exp(log_max) and log_max + exponent <= 0 (so the result is
-    at most 1). Only when max(t) is tiny can exp(exponent) itself overflow; t is then first divided by
-    its maximum."""
+    at most 1). When exp(exponent) alone would leave float64, t is first divided by its maximum."""
     if log_max == -math.inf:
         return t
-    if exponent < 700:
+    if abs(exponent) < 700:
         return t * math.exp(exponent)
-    return t / math.exp(log_max) * math.exp(exponent + log_max)
+    return t / float(t.detach().max()) * math.exp(exponent + log_max)
 
 
 def _log_max(t: Tensor) -> float:

@@ -172,14 +172,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
-    """The fx graph, and the tensor literals of `forward` that fx stores as attributes of the root:
-    they are taken back out of the model, which must be left as it was."""
+    """The fx graph, and the tensor literals of `forward` that fx stores as attributes of the root.
+    The model is left as it was: those attributes are taken back out, and buffers that forward code
+    changed while being traced (a counter, say) get their values back."""
     if isinstance(model, _LEAF_TYPES):  # a bare layer: fx would trace into its functional forward
         graph = fx.Graph()
         graph.output(graph.call_module("", (graph.placeholder("input"),)))
         return graph, {}
     tracer = _ScopedTracer()
     before = set(vars(model))
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
         with eval_mode(model):
             graph = tracer.trace(model)
@@ -193,6 +195,10 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
     finally:
         for key in set(vars(model)) - before:
             delattr(model, key)
+        with torch.no_grad():  # forward code that touches no input runs for real while tracing
+            for name, b in model.named_buffers():
+                if name in buffers and not torch.equal(b, buffers[name]):
+                    b.copy_(buffers[name])
 
 
 class _Builder:
@@ -207,6 +213,9 @@ class _Builder:
         self.activation: set[fx.Node] = set()
         self.problems: list[UnsupportedNode] = []
         self.inputs_seen = 0
+        self.shape_like: set[fx.Node] = set()  # ints and sizes derived from shapes, never tensors
+        self.views: set[fx.Node] = set()  # results of re-indexing, which may share memory with their input
+        self.latest: dict[fx.Node, fx.Node] = {}  # a tensor modified in place -> the node holding its new value
 
     def build(self, graph: fx.Graph) -> PathGraph:
         for node in graph.nodes:
@@ -221,17 +230,23 @@ class _Builder:
         return PathGraph(_with_releases(self.ops), self.input_shape)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _current(self, n: fx.Node) -> fx.Node:
+        return self.latest.get(n, n)
+
     def _refs(self, value: Any) -> Any:
-        return fx.node.map_arg(value, lambda n: Ref(self.index[n]))
+        return fx.node.map_arg(value, lambda n: Ref(self.index[self._current(n)]))
+
+    def _inputs(self, node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(self._current(n)))
+        return found
 
     def _activations(self, node: fx.Node) -> list[fx.Node]:
-        found: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if n in self.activation else None)
-        return found
+        return [n for n in self._inputs(node) if n in self.activation]
 
     def _input_ref(self, node: fx.Node) -> Ref:
         """The activation a single-input op reads, passed positionally or as `input=`."""
-        return Ref(self.index[_split_input(node)[0]])
+        return Ref(self.index[self._current(_split_input(node)[0])])
 
     def _label(self, node: fx.Node, what: str) -> str:
         scope, kind = node.meta.get("pathmonitor_scope", ("", ""))
@@ -258,11 +273,33 @@ class _Builder:
             return PathOp(OpKind.VALUE, f"attribute {node.target}", target=node.target)
         if node.op == "output":
             return PathOp(OpKind.OUTPUT, "output", args=self._refs(node.args))
+        inputs = self._inputs(node)
         if not self._activations(node):
+            if inputs and all(n in self.shape_like for n in inputs):
+                self.shape_like.add(node)
             return self._make(node, OpKind.VALUE, self._label(node, _function_name(node.target)), fn=self._callable(node))
-        if node.op == "call_module":
-            return self._module_op(node)
-        return self._function_op(node)
+        indexing = node.target in (operator.getitem, "__getitem__")  # index tensors select, they do not mix
+        problem = _mixing_problem(node, [] if indexing else
+                                  [n for n in inputs if n not in self.activation and n not in self.shape_like])
+        if problem:
+            self._reject(self._scope_name(node), _function_name(node.target) if node.op != "call_module"
+                         else type(self.model.get_submodule(node.target)).__name__, problem)
+            return None
+        op = self._module_op(node) if node.op == "call_module" else self._function_op(node)
+        if op is not None and node.op == "call_method" and _in_place(node.target):
+            return self._in_place(node, op)
+        return op
+
+    def _in_place(self, node: fx.Node, op: PathOp) -> Optional[PathOp]:
+        """`x.add_(y)` changes x: later reads of x must see this node's value. On a view the change
+        would reach the viewed tensor too, which the path graph cannot follow."""
+        base = self._current(node.args[0])
+        if base in self.views and op.kind is not OpKind.IDENTITY:
+            self._reject(self._scope_name(node), _function_name(node.target),
+                         "modifies a view of an activation in place; write it out of place")
+            return None
+        self.latest[node.args[0]] = node
+        return op
 
     def _placeholder(self, node: fx.Node) -> Optional[PathOp]:
         self.inputs_seen += 1
@@ -270,6 +307,7 @@ class _Builder:
             self.activation.add(node)
             return PathOp(OpKind.INPUT, f"input {node.target}")
         if node.args:  # an optional argument left at its default
+            self.shape_like.add(node)
             return PathOp(OpKind.VALUE, f"default of {node.target}", fn=lambda value=node.args[0]: value)
         self._reject(str(node.target), "input", "the model takes more than one input; path quantities need one")
         return None
@@ -327,14 +365,12 @@ class _Builder:
         if ((name == "div") if is_method else (target is torch.div)) and node.kwargs.get("rounding_mode"):
             self._reject(self._scope_name(node), what, "rounds, which is not a linear map")
             return None
-        if is_method and name == "to" and _casts_to_non_float(node):
-            self._reject(self._scope_name(node), what, "casts to a non-floating dtype, which rounds")
-            return None
         if (name in _IDENTITY_METHODS) if is_method else (target in _IDENTITY_FUNCTIONS):
             return self._make(node, OpKind.IDENTITY, label, args=(self._input_ref(node),), kwargs={})
         if not is_method and target is builtins.getattr:
             return self._attribute(node, label, what)
         if is_method and name in _SHAPE_METHODS:
+            self.shape_like.add(node)
             return self._make(node, OpKind.VALUE, label, fn=self._callable(node))
         if (name in _SUM_METHODS) if is_method else (target in _SUM_FUNCTIONS):
             return self._sum(node, label, what)
@@ -343,6 +379,7 @@ class _Builder:
             return self._scale(node, label, what, divides)
         if (name in _REINDEX_METHODS) if is_method else (target in _REINDEX_FUNCTIONS):
             fn = getattr(torch.Tensor, name) if is_method else target
+            self.views.add(node)
             return self._make(node, OpKind.LINEAR, label, fn=fn)
         if (name == "mean") if is_method else (target in _MEAN_FUNCTIONS):
             return self._mean(node, label, what)
@@ -369,6 +406,7 @@ class _Builder:
     def _attribute(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
         attribute = node.args[1]
         if attribute in _SHAPE_ATTRIBUTES:
+            self.shape_like.add(node)
             return self._make(node, OpKind.VALUE, label, fn=builtins.getattr)
         if attribute in _TRANSPOSE_ATTRIBUTES:
             return self._make(node, OpKind.LINEAR, label, fn=builtins.getattr)
@@ -380,7 +418,7 @@ class _Builder:
         return f"{scope} ({kind})" if scope else "<model>"
 
     def _sum(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
-        operands = _operands(node)
+        operands = [self._current(a) if isinstance(a, fx.Node) else a for a in _operands(node)]
         alpha = node.kwargs.get("alpha", 1)
         if len(operands) == 2 and all(a in self.activation for a in operands) and alpha in (1, -1):
             refs = [Ref(self.index[a]) for a in operands]
@@ -391,7 +429,7 @@ class _Builder:
         return None
 
     def _scale(self, node: fx.Node, label: str, what: str, divides: bool) -> Optional[PathOp]:
-        operands = _operands(node)
+        operands = [self._current(a) if isinstance(a, fx.Node) else a for a in _operands(node)]
         activations = [a for a in operands if a in self.activation]
         if len(activations) == 2:
             self._reject(self._scope_name(node), what, "multiplies two activations, outside the path model")
@@ -442,14 +480,26 @@ def _split_input(node: fx.Node) -> tuple[Any, tuple, dict]:
 def _operands(node: fx.Node) -> list[Any]:
     """The two operands of a binary op, also when the second is passed as `other=`."""
     operands = list(node.args[:2])
-    if len(operands) < 2 and "other" in node.kwargs:
-        operands.append(node.kwargs["other"])
+    for key in ("input", "other")[len(operands):]:
+        if key in node.kwargs:
+            operands.append(node.kwargs[key])
     return operands
 
 
-def _casts_to_non_float(node: fx.Node) -> bool:
-    dtypes = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
-    return any(not d.is_floating_point for d in dtypes)
+def _in_place(method: str) -> bool:
+    return method.endswith("_") and not method.endswith("__")
+
+
+def _mixing_problem(node: fx.Node, constants: list[fx.Node]) -> Optional[str]:
+    """Why an op that reads activations is outside the path model for its other inputs, if it is:
+    constant tensors mixed into activations act as biases without parameters, integer dtypes round."""
+    if constants:
+        return (f"combines activations with the tensor {constants[0].name!r}, which is not an activation "
+                f"(a constant or an attribute): a bias or weight outside the path model")
+    dtypes = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
+    if any(not d.is_floating_point for d in dtypes):
+        return "casts to a non-floating dtype, which rounds"
+    return None
 
 
 def _reindex_module_problem(module: nn.Module) -> Optional[str]:
@@ -490,14 +540,26 @@ def longest_path(graph: PathGraph, weight: Callable[[PathOp], int]) -> int:
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
+
+
+def _setting(value: Any) -> Any:
+    """A comparable stand-in for an attribute: plain values as they are, containers element-wise,
+    anything else (functions, tensors, objects) by identity."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_setting(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((key, _setting(v)) for key, v in value.items())
+    return ("object", id(value))
 
 
 def _structure(model: nn.Module) -> tuple:
-    """What a traced graph depends on: the module tree and every module's plain settings (kernel
-    sizes, modes, flags read in forward); a change to any of them means tracing again."""
-    return tuple((name, id(m), type(m), tuple(sorted((key, value) for key, value in vars(m).items()
-                                                     if isinstance(value, _SETTING_TYPES) and key != "training")))
+    """What a traced graph depends on: the module tree and every module's own attributes (kernel
+    sizes, modes, flags and functions read in forward); a change to any of them means tracing again."""
+    return tuple((name, id(m), type(m), tuple((key, _setting(value)) for key, value in vars(m).items()
+                                              if key not in _MODULE_INTERNALS))
                  for name, m in model.named_modules())
 
 

@@ -21,6 +21,11 @@ AFFINE_TYPES = (nn.Linear,) + CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS + BATCH_NOR
 _TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def parameter_name(module_name: str, key: str) -> str:
+    """Qualified name of tensor `key` of the module called `module_name` ("" for the root)."""
+    return f"{module_name}.{key}" if module_name else key
+
+
 def tensor_names(module: nn.Module) -> tuple[str, ...]:
     """Names of the tensors of `module` that define its edge weights and biases."""
     if isinstance(module, BATCH_NORMS):

@@ -30,7 +30,7 @@ def validated_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def validated_q(q: float) -> float:
-    if not (isinstance(q, (int, float)) and math.isfinite(q) and q >= 1):
+    if isinstance(q, bool) or not (isinstance(q, (int, float)) and math.isfinite(q) and q >= 1):
         raise ValueError(f"q must be a finite number >= 1 (the exponent of the Lq path-norm), got {q!r}")
     return float(q)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .engine import log_total
 from .graph import OpKind, PathGraph, capture, longest_path
-from .layers import BATCH_NORMS
+from .layers import BATCH_NORMS, parameter_name
 from .logmath import exceeds_float64, exp_or_inf
 from .norms import PathNormOverflowWarning, unwrapped, validated_input_shape
 from .sources import ModuleSource, ParameterEdges, ParameterSource, ScoringMagnitudes
@@ -27,7 +27,7 @@ def prunable_weights(graph: PathGraph, model: nn.Module) -> list[str]:
     names = []
     for module_name in dict.fromkeys(graph.affine_modules()):
         if not isinstance(model.get_submodule(module_name), BATCH_NORMS):
-            names.append(f"{module_name}.weight")
+            names.append(parameter_name(module_name, "weight"))
     return names
 
 
@@ -41,7 +41,8 @@ def _selected_modules(graph: PathGraph, model: nn.Module, parameters: Optional[I
         if unknown:
             raise ValueError(f"cannot score {unknown}: path-magnitude scores exist for the weights of Linear / Conv / "
                              f"ConvTranspose layers on the input-output paths, e.g. {allowed[:3]}")
-    modules = [name[: -len(".weight")] for name in chosen]
+    module_of = {parameter_name(module, "weight"): module for module in dict.fromkeys(graph.affine_modules())}
+    modules = [module_of[name] for name in chosen]
     _check_single_crossing(graph, modules)
     return modules
 
@@ -65,13 +66,20 @@ def scores_from(graph: PathGraph, model: nn.Module, source: ParameterSource, mod
         log_norm = log_total(graph, model, magnitudes, 1.0)
         leaves = [magnitudes.leaves[name] for name in modules]
         if float(log_norm.detach()) == -math.inf:  # no path carries weight: pruning anything changes nothing
-            return {f"{name}.weight": torch.zeros_like(leaf.detach()) for name, leaf in zip(modules, leaves)}, -math.inf
+            return {parameter_name(name, "weight"): torch.zeros_like(leaf.detach())
+                    for name, leaf in zip(modules, leaves)}, -math.inf
         grads = torch.autograd.grad(log_norm, leaves, allow_unused=True)
     relative = {}
     for name, leaf, grad in zip(modules, leaves, grads):
         # in place: the gradient buffers are ours, and fresh weight-sized allocations cost page faults
-        relative[f"{name}.weight"] = torch.zeros_like(leaf) if grad is None else grad.mul_(leaf.detach())
+        relative[parameter_name(name, "weight")] = torch.zeros_like(leaf) if grad is None else grad.mul_(leaf.detach())
     return relative, float(log_norm.detach())
+
+
+def _require_autograd() -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("path-magnitude scores need one backward pass; call path_magnitude_scores outside "
+                           "torch.inference_mode()")
 
 
 def path_magnitude_scores(model: nn.Module, input_shape: Sequence[int], parameters: Optional[Iterable[str]] = None,
@@ -82,6 +90,7 @@ def path_magnitude_scores(model: nn.Module, input_shape: Sequence[int], paramete
     By default every weight of Linear / Conv / ConvTranspose; never biases or batch-norm. Entries that
     are already zero (pruned) score 0. With relative=True the scores are divided by ||Phi(theta)||_1,
     which stays finite for networks whose path-norm exceeds float64."""
+    _require_autograd()
     model, shape = unwrapped(model), validated_input_shape(input_shape)
     graph = capture(model, shape)
     modules = _selected_modules(graph, model, parameters)

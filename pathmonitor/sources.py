@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ParameterMismatchError
-from .layers import edge_parameters, tensor_names
+from .layers import edge_parameters, parameter_name, tensor_names
 
 Tensors = Mapping[str, Optional[Tensor]]
 Edges = tuple[Tensor, Optional[Tensor]]
@@ -66,7 +66,7 @@ class StateDictSource:
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
         found = {}
         for key in tensor_names(module):
-            full = f"{name}.{key}"
+            full = parameter_name(name, key)
             if full in self.state_dict:
                 found[key] = self.state_dict[full]
             elif f"{full}_orig" in self.state_dict and f"{full}_mask" in self.state_dict:  # torch.nn.utils.prune

@@ -162,3 +162,123 @@ def test_wrappers_are_unwrapped():
     expected = float(pm.path_norm(net, (4,)).detach())
     assert float(pm.path_norm(nn.DataParallel(net), (4,)).detach()) == expected
     assert float(pm.path_norm(torch.compile(net), (4,)).detach()) == expected
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)  # a side effect that tracing must not leave behind
+        out = self.c2(torch.relu(self.c1(x)))
+        out.add_(x)  # a statement: later reads of `out` see the sum
+        out.mul_(2.0)
+        return torch.relu(out)
+
+
+class Written(InPlace):
+    def forward(self, x):
+        out = self.c2(torch.relu(self.c1(x)))
+        out = out + x
+        return torch.relu(out * 2.0)
+
+
+def test_in_place_statements_change_later_reads_and_side_effects_are_undone():
+    model, reference = InPlace().double(), Written().double()
+    reference.load_state_dict(model.state_dict())
+    assert float(pm.path_norm(model, (3,)).detach()) == pytest.approx(float(pm.path_norm(reference, (3,)).detach()),
+                                                                       rel=1e-12)
+    assert float(model.calls) == 0
+    on_view = nn.Sequential(nn.Linear(3, 4), Fn(lambda x: x[:, :2].add_(1.0) * 0 + x))
+    with pytest.raises(pm.UnsupportedModelError):
+        pm.path_norm(on_view, (3,))
+
+
+class ConstantMixing(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.register_buffer("offset", torch.full((1, 2), 7.0))
+        self.how = how
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.how == "cat":
+            return torch.cat([y, torch.full((1, 2), 7.0)], 1)
+        if self.how == "buffer":
+            return torch.cat([y, self.offset], 1)
+        if self.how == "int":
+            return y.sum(1, dtype=torch.int64)
+        return y.type_as(self.offset.long())
+
+
+@pytest.mark.parametrize("how", ["cat", "buffer", "int", "type_as"])
+def test_constant_tensors_and_integer_casts_are_rejected(how):
+    with pytest.raises(pm.UnsupportedModelError, match="constant|non-floating"):
+        pm.path_norm(ConstantMixing(how), (2,))
+
+
+def test_cache_follows_function_and_container_attributes():
+    class Configurable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.act = torch.relu
+            self.scales = [1.0, 2.0]
+            self.extra = (torch.ones(1),)
+
+        def forward(self, x):
+            return self.act(self.fc(x)) * self.scales[0]
+
+    model = Configurable()
+    first = float(pm.path_norm(model, (2,)).detach())
+    model.scales[0] = 3.0
+    assert float(pm.path_norm(model, (2,)).detach()) == pytest.approx(3 * first)
+    model.extra = (torch.zeros(1),)
+    assert float(pm.path_norm(model, (2,)).detach()) == pytest.approx(3 * first)
+    model.act = torch.sigmoid
+    with pytest.raises(pm.UnsupportedModelError, match="sigmoid"):
+        pm.path_norm(model, (2,))
+
+
+@pytest.mark.parametrize("step", [lambda y: torch.mul(input=y, other=3.0), lambda y: torch.add(input=y, other=y),
+                                  lambda y: torch.div(input=y, other=4.0)])
+def test_binary_ops_with_keyword_operands(step):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3), Fn(step), nn.Linear(3, 1)).double()
+    assert float(pm.path_norm(net, (3,)).detach()) == pytest.approx(_oracle(net, (3,)), rel=1e-9)
+
+
+def test_bare_layers_as_models():
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2)
+    expected = float(linear.weight.detach().double().abs().sum() + linear.bias.detach().double().abs().sum())
+    assert float(pm.path_norm(linear, (3,)).detach()) == pytest.approx(expected, rel=1e-12)
+    scores = pm.path_magnitude_scores(linear, (3,))
+    assert list(scores) == ["weight"]
+    torch.testing.assert_close(scores["weight"], linear.weight.detach().double().abs())  # one layer: |w_i| * 1
+    other = copy.deepcopy(linear)
+    with torch.no_grad():
+        other.weight[0, 0] = 0
+    assert pm.path_metric(linear, other.state_dict(), (3,)).value == pytest.approx(abs(float(linear.weight[0, 0].detach())),
+                                                                                    rel=1e-6)
+
+
+def test_log_scaling_keeps_representable_values_after_extreme_renormalizations():
+    net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1e152, 0.0], [0.0, 1e-300]], dtype=torch.float64))
+        net[1].weight.copy_(torch.tensor([[1e152, 0.0], [0.0, 1.0]], dtype=torch.float64))
+        net[1].bias.copy_(torch.tensor([0.0, 1e308], dtype=torch.float64))
+    expected = math.log(1e304 + 1e-300 + 1e308)
+    with torch.no_grad():
+        assert float(pm.log_path_norm(net, (2,))) == pytest.approx(expected, rel=1e-12)
+
+
+def test_scores_refuse_inference_mode_and_q_refuses_booleans():
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        pm.path_magnitude_scores(nn.Linear(2, 2), (2,))
+    with pytest.raises(ValueError, match="q must be"):
+        pm.path_norm(nn.Linear(2, 2), (2,), q=True)
