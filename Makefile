@@ -23,6 +23,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/path_norm_speed.py
+	$(PY) benchmarks/quantities_speed.py --models resnet18 resnet50
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -32,7 +32,7 @@ class PathMetric:
     """||Phi(theta) - Phi(theta')||_1, or an upper bound on it when `exact` is False.
 
     kind: "pruning" (one network is the other with entries zeroed or shrunk, signs kept: exact, two
-    passes), "same_sign" (max/min envelope bound, two passes), "general" (sign split and triangle
+    passes), "same_sign" (max/min envelope bound, three passes), "general" (sign split and triangle
     inequality, four passes). `relative` is value / ||Phi(theta)||_1, the form a budget uses.
     `value` is inf only when the true number exceeds float64; `log_value` is always exact."""
 

@@ -12,10 +12,10 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from .graph import OpKind, PathGraph, topology
-from .layers import BATCH_NORMS, TRANSPOSED_CONVOLUTIONS
+from .layers import BATCH_NORMS, CONVOLUTIONS, TRANSPOSED_CONVOLUTIONS
 from .norms import unwrapped
 from .pools import MeanReduce
 
@@ -87,11 +87,15 @@ def rescalable_pairs(graph: PathGraph, model: nn.Module) -> list[tuple[str, list
         producer = model.get_submodule(op.target)
         if isinstance(producer, BATCH_NORMS) and not producer.affine:
             continue
+        # pools act on the dimensions after the channels: safe only where channels sit in dim 1 of a
+        # tensor with spatial dimensions, which a Linear or a BatchNorm1d does not guarantee
+        poolable = isinstance(producer, CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS + (nn.BatchNorm2d, nn.BatchNorm3d))
         consumers, frontier, admissible = [], list(users.get(i, [])), True
         while frontier and admissible:
             index = frontier.pop()
             user = graph.ops[index]
-            if user.kind in _CHANNEL_PRESERVING or (user.kind is OpKind.POOL and not isinstance(user.pool, MeanReduce)):
+            if user.kind in _CHANNEL_PRESERVING or (
+                    poolable and user.kind is OpKind.POOL and not isinstance(user.pool, MeanReduce)):
                 frontier += users.get(index, [])
             elif user.kind is OpKind.AFFINE and calls[user.target] == 1 and \
                     _channels_last(model.get_submodule(user.target)) == _channels_last(producer):
@@ -114,7 +118,8 @@ def random_rescale(model: nn.Module, factors: Sequence[float] = (1, 128, 4096),
         rescaled = copy.deepcopy(model)
     except RuntimeError as error:
         raise ValueError(f"random_rescale works on a copy, and this model cannot be copied ({error}). A model "
-                         f"pruned with torch.nn.utils.prune can be copied after one forward pass.") from error
+                         f"pruned with torch.nn.utils.prune can be copied after a forward pass run under "
+                         f"torch.no_grad().") from error
     choices = torch.tensor([float(f) for f in factors], dtype=torch.float64)
     with torch.no_grad():
         for producer_name, consumer_names in rescalable_pairs(topology(model), model):
@@ -129,6 +134,10 @@ def random_rescale(model: nn.Module, factors: Sequence[float] = (1, 128, 4096),
             scale_output_channels(producer, lam, producer_name)
             for name in consumer_names:
                 compensate_input_channels(rescaled.get_submodule(name), lam, name)
+        for module in rescaled.modules():  # pruned weights are recomputed by their hook: refresh them now
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    hook(module, None)
     return rescaled
 
 

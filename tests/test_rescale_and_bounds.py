@@ -83,6 +83,7 @@ def test_random_rescale_of_pruned_and_parametrized_modules():
         expected = net(x)  # the forward also makes the pruned model copyable
     rescaled = pm.random_rescale(net, factors=(128.0,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        torch.testing.assert_close(rescaled[0].weight, rescaled[0].weight_orig * rescaled[0].weight_mask)
         torch.testing.assert_close(rescaled(x), expected, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(rescaled[0].weight_orig, net[0].weight_orig)
     normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)), nn.ReLU(), nn.Linear(3, 2))
@@ -103,3 +104,13 @@ def test_bound_accepts_numpy_integers_and_treats_small_input_bounds_as_one():
     model = nn.Linear(3, 2)
     small = pm.generalization_bound(model, (3,), np.int64(100), 0.5)
     assert small.first_part == pm.generalization_bound(model, (3,), 100, 1.0).first_part
+
+
+def test_random_rescale_never_pools_across_linear_features():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.MaxPool1d(3, 1, 1), nn.Linear(6, 2))
+    x = torch.randn(3, 4)
+    rescaled = pm.random_rescale(net, factors=(4096.0,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rescaled(x), net(x))
+    assert pm.rescale.rescalable_pairs(pm.rescale.topology(net), net) == []
