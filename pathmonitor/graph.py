@@ -215,6 +215,7 @@ class _Builder:
         self.inputs_seen = 0
         self.shape_like: set[fx.Node] = set()  # ints and sizes derived from shapes, never tensors
         self.views: set[fx.Node] = set()  # results of re-indexing, which may share memory with their input
+        self.viewed: set[fx.Node] = set()  # activations that such a result may share memory with
         self.latest: dict[fx.Node, fx.Node] = {}  # a tensor modified in place -> the node holding its new value
 
     def build(self, graph: fx.Graph) -> PathGraph:
@@ -294,9 +295,9 @@ class _Builder:
         """`x.add_(y)` changes x: later reads of x must see this node's value. On a view the change
         would reach the viewed tensor too, which the path graph cannot follow."""
         base = self._current(node.args[0])
-        if base in self.views and op.kind is not OpKind.IDENTITY:
+        if (base in self.views or base in self.viewed) and op.kind is not OpKind.IDENTITY:
             self._reject(self._scope_name(node), _function_name(node.target),
-                         "modifies a view of an activation in place; write it out of place")
+                         "modifies in place an activation that shares memory with a view; write it out of place")
             return None
         self.latest[node.args[0]] = node
         return op
@@ -380,6 +381,7 @@ class _Builder:
         if (name in _REINDEX_METHODS) if is_method else (target in _REINDEX_FUNCTIONS):
             fn = getattr(torch.Tensor, name) if is_method else target
             self.views.add(node)
+            self.viewed.update(self._activations(node))
             return self._make(node, OpKind.LINEAR, label, fn=fn)
         if (name == "mean") if is_method else (target in _MEAN_FUNCTIONS):
             return self._mean(node, label, what)

@@ -282,3 +282,13 @@ def test_scores_refuse_inference_mode_and_q_refuses_booleans():
         pm.path_magnitude_scores(nn.Linear(2, 2), (2,))
     with pytest.raises(ValueError, match="q must be"):
         pm.path_norm(nn.Linear(2, 2), (2,), q=True)
+
+
+def test_in_place_change_of_a_viewed_tensor_is_rejected():
+    def step(x):
+        flat = x.view(x.size(0), -1)
+        x.add_(1.0 * x)  # would change `flat` too
+        return flat
+
+    with pytest.raises(pm.UnsupportedModelError, match="shares memory with a view"):
+        pm.path_norm(nn.Sequential(nn.Linear(3, 4), Fn(step)), (3,))

@@ -2,9 +2,12 @@
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pathmonitor as pm
 from nets import make
+from random_nets import random_net
 
 FACTORS = (1 / 4096, 1 / 128, 1.0, 128.0, 4096.0)
 
@@ -44,3 +47,17 @@ def test_resnet18_rescaling():
     with torch.no_grad():
         assert float(pm.log_path_norm(rescaled, (3, 224, 224))) == pytest.approx(
             float(pm.log_path_norm(net, (3, 224, 224))), rel=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2 ** 20))
+def test_random_dags_rescaling(seed):
+    net, shape = random_net(seed)
+    net = net.double()
+    rescaled = pm.random_rescale(net, factors=FACTORS, generator=torch.Generator().manual_seed(seed))
+    _assert_same_function(net, rescaled, shape)
+    _assert_same_norms(net, rescaled, shape)
+    before = pm.path_magnitude_scores(net, shape, relative=True)
+    after = pm.path_magnitude_scores(rescaled, shape, relative=True)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-7, atol=1e-300)

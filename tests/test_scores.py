@@ -4,10 +4,13 @@ import copy
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import pathmonitor as pm
 from nets import make
+from random_nets import random_net
 
 
 @pytest.mark.parametrize("name", ["conv_pool_chain", "residual_concat", "unet_like", "one_dimensional"])
@@ -129,3 +132,22 @@ def test_module_on_parallel_branches_is_scored_exactly():
         pruned.shared.weight[1, 2] = 0
     assert float(scores["shared.weight"][1, 2]) == pytest.approx(base - float(pm.path_norm(pruned, (3,)).detach()),
                                                                  rel=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2 ** 20))
+def test_scores_on_random_dags(seed):
+    net, shape = random_net(seed)
+    net = net.double()
+    scores = pm.path_magnitude_scores(net, shape)
+    params = dict(net.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        base = float(pm.path_norm(net, shape))
+        for name, score in scores.items():
+            i = int(torch.randint(score.numel(), (1,), generator=g))
+            original = float(params[name].view(-1)[i])
+            params[name].view(-1)[i] = 0
+            drop = base - float(pm.path_norm(net, shape))
+            params[name].view(-1)[i] = original
+            assert float(score.view(-1)[i]) == pytest.approx(drop, rel=1e-6, abs=1e-11 * base), name
