@@ -68,3 +68,44 @@ def test_random_dags_match_the_oracle(seed):
             assert float(pm.path_norm(net, shape, q=q)) ** q == pytest.approx(expected, rel=1e-9), (q, net)
             assert q * float(pm.log_path_norm(net, shape, q=q)) == pytest.approx(math.log(expected), rel=1e-9,
                                                                                  abs=1e-12), (q, net)
+
+
+class DictNet(nn.Module):
+    """Blocks held in a ModuleDict inside a nested Sequential, called in a loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({"conv": nn.Conv2d(2, 4, 3, padding=1), "norm": nn.BatchNorm2d(4),
+                                     "act": nn.ReLU()})
+        self.head = nn.Sequential(nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten()), nn.Linear(16, 3))
+
+    def forward(self, x):
+        for block in self.blocks.values():
+            x = block(x)
+        return self.head(x)
+
+
+def test_module_dict_and_nested_sequential():
+    torch.manual_seed(0)
+    net = DictNet().eval()
+    twin = nn.Sequential(*net.blocks.values(), *net.head[0], net.head[1])
+    with torch.no_grad():
+        for q in (1, 2):
+            assert float(pm.path_norm(net, (2, 5, 5), q)) ** q == pytest.approx(
+                path_sum(neuron_dag(twin, (2, 5, 5)), q), rel=1e-9)
+
+
+def test_reindexing_and_padding_modules():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ChannelShuffle(2), nn.ZeroPad2d((1, 0, 2, 1)), nn.ReLU(),
+        nn.PixelShuffle(2), nn.ConstantPad2d((1, 1, 0, 0), 0.0), nn.Conv2d(1, 4, 2, stride=2), nn.PixelUnshuffle(2),
+        Fn(lambda x: F.pad(x, (0, 1), value=0.0)), nn.Flatten(), nn.Unflatten(1, (4, -1)), nn.Flatten(),
+        nn.LazyLinear(2),
+    )
+    with torch.no_grad():
+        net(torch.zeros(1, 2, 5, 6))  # initializes the lazy layer
+    dag = neuron_dag(net, (2, 5, 6))
+    with torch.no_grad():
+        for q in (1, 3):
+            assert float(pm.path_norm(net, (2, 5, 6), q)) ** q == pytest.approx(path_sum(dag, q), rel=1e-9)
