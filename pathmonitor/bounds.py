@@ -87,7 +87,8 @@ def _check(name: str, value: Any, *, integer: bool = False, minimum: float = 0.0
         value > minimum if strict else value >= minimum)
     if not valid:
         relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} {relation} {minimum:g}, got {value!r}")
+        kind_name = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind_name} {relation} {minimum:g}, got {value!r}")
 
 
 def generalization_bound(model: nn.Module, input_shape: Sequence[int], n_samples: int, input_bound: float,

@@ -71,10 +71,11 @@ class PathGraph:
 
 _CLIPPING = "clips its input, so it is not positively homogeneous"
 _SMOOTH = "is not piecewise linear and positively homogeneous"
+_NEGATIVE_SLOPE = "has a negative slope, outside the ReLU model"
 _NORMALIZING = "normalizes by statistics of the current input, which is not an affine map"
 KNOWN_UNSUPPORTED_MODULES: dict[type, str] = {
     nn.ReLU6: _CLIPPING, nn.Hardtanh: _CLIPPING, nn.Hardsigmoid: _CLIPPING, nn.Hardswish: _SMOOTH,
-    nn.LeakyReLU: "has a negative slope, outside the ReLU model", nn.PReLU: "has a negative slope, outside the ReLU model",
+    nn.LeakyReLU: _NEGATIVE_SLOPE, nn.PReLU: _NEGATIVE_SLOPE,
     nn.ELU: _SMOOTH, nn.CELU: _SMOOTH, nn.SELU: _SMOOTH, nn.GELU: _SMOOTH, nn.SiLU: _SMOOTH, nn.Mish: _SMOOTH,
     nn.Sigmoid: _SMOOTH, nn.Tanh: _SMOOTH, nn.Softplus: _SMOOTH, nn.Softmax: _SMOOTH, nn.LogSoftmax: _SMOOTH,
     nn.Softmin: _SMOOTH, nn.LayerNorm: _NORMALIZING, nn.GroupNorm: _NORMALIZING,
@@ -270,7 +271,8 @@ class _Builder:
             return self._placeholder(node)
         if node.op == "get_attr":
             if node.target in self.constants:
-                return PathOp(OpKind.VALUE, f"constant {node.target}", fn=lambda value=self.constants[node.target]: value)
+                constant = self.constants[node.target]
+                return PathOp(OpKind.VALUE, f"constant {node.target}", fn=lambda: constant)
             return PathOp(OpKind.VALUE, f"attribute {node.target}", target=node.target)
         if node.op == "output":
             return PathOp(OpKind.OUTPUT, "output", args=self._refs(node.args))
@@ -278,7 +280,8 @@ class _Builder:
         if not self._activations(node):
             if inputs and all(n in self.shape_like for n in inputs):
                 self.shape_like.add(node)
-            return self._make(node, OpKind.VALUE, self._label(node, _function_name(node.target)), fn=self._callable(node))
+            label = self._label(node, _function_name(node.target))
+            return self._make(node, OpKind.VALUE, label, fn=self._callable(node))
         indexing = node.target in (operator.getitem, "__getitem__")  # index tensors select, they do not mix
         problem = _mixing_problem(node, [] if indexing else
                                   [n for n in inputs if n not in self.activation and n not in self.shape_like])
@@ -392,7 +395,8 @@ class _Builder:
             mode = kwargs.get("mode", rest[2] if len(rest) > 2 else "nearest")
             if mode in _NEAREST:
                 return self._make(node, OpKind.LINEAR, label, fn=target)
-            self._reject(self._scope_name(node), what, f"mode {mode!r} interpolates; only nearest upsampling is supported")
+            self._reject(self._scope_name(node), what,
+                         f"mode {mode!r} interpolates; only nearest upsampling is supported")
             return None
         if not is_method and target is F.pad:
             _, rest, kwargs = _split_input(node)
@@ -441,7 +445,8 @@ class _Builder:
             self._reject(self._scope_name(node), what, "divides by an activation, outside the path model")
             return None
         if isinstance(constant, fx.Node) and constant.op == "get_attr":
-            self._reject(self._scope_name(node), what, "multiplies by a tensor attribute; only constant numbers are supported")
+            self._reject(self._scope_name(node), what,
+                         "multiplies by a tensor attribute; only constant numbers are supported")
             return None
         return self._make(node, OpKind.SCALE, label, fn=(lambda c: 1.0 / c) if divides else (lambda c: c),
                           args=(Ref(self.index[activations[0]]), self._refs(constant)), kwargs={})

@@ -114,7 +114,10 @@ def metric_between(graph: PathGraph, model: nn.Module, first: ParameterSource, s
             log_value = log_sum(pruned, _log_envelope_gap(graph, model, split, b))
             kind, exact = "general", False
     value = exp_or_inf(log_value)
-    relative = math.exp(log_value - log_norm_a) if log_norm_a > -math.inf else (0.0 if log_value == -math.inf else math.inf)
+    if log_norm_a > -math.inf:
+        relative = math.exp(log_value - log_norm_a)
+    else:  # no path at all in theta: any difference is infinitely large relative to it
+        relative = 0.0 if log_value == -math.inf else math.inf
     return PathMetric(value, exact, kind, log_value, relative)
 
 

@@ -14,6 +14,7 @@ from .graph import capture, check_graph
 from .logmath import exceeds_float64
 from .sources import MetaSource, ModuleSource, ParameterEdges, PowerMagnitudes
 
+
 class PathNormOverflowWarning(RuntimeWarning):
     """The path-norm exceeds the float64 range; its logarithm is still exact."""
 

@@ -57,7 +57,8 @@ def _check_single_crossing(graph: PathGraph, modules: list[str]) -> None:
                              f"`parameters`")
 
 
-def scores_from(graph: PathGraph, model: nn.Module, source: ParameterSource, modules: list[str]) -> tuple[dict[str, Tensor], float]:
+def scores_from(graph: PathGraph, model: nn.Module, source: ParameterSource,
+                modules: list[str]) -> tuple[dict[str, Tensor], float]:
     """Relative scores score_i / ||Phi||_1 of the weights of `modules`, and log ||Phi||_1.
 
     One forward and one backward pass of the |theta| network."""

@@ -39,7 +39,8 @@ class ModuleSource:
         try:
             own = self.root.get_submodule(name)
         except AttributeError:
-            raise ParameterMismatchError(f"the other network has no module {name!r} ({type(module).__name__})") from None
+            raise ParameterMismatchError(
+                f"the other network has no module {name!r} ({type(module).__name__})") from None
         if type(own) is not type(module):
             raise ParameterMismatchError(f"module {name!r} is a {type(own).__name__} in the other network, "
                              f"a {type(module).__name__} in the model")
@@ -83,7 +84,8 @@ class StateDictSource:
         if prefixed is None:
             return ""
         prefix = prefixed[: -len(full)]
-        return f"; it has {prefixed!r}: strip the prefix {prefix!r} (added by a wrapper such as DDP or a LightningModule)"
+        return (f"; it has {prefixed!r}: strip the prefix {prefix!r} "
+                f"(added by a wrapper such as DDP or a LightningModule)")
 
 
 class MetaSource:
@@ -132,7 +134,8 @@ class ParameterEdges:
 def check_same_layout(name: str, a: Optional[Tensor], b: Optional[Tensor]) -> None:
     if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
         describe = lambda t: "none" if t is None else tuple(t.shape)  # noqa: E731
-        raise ParameterMismatchError(f"module {name!r} differs between the two networks: {describe(a)} vs {describe(b)}")
+        raise ParameterMismatchError(
+            f"module {name!r} differs between the two networks: {describe(a)} vs {describe(b)}")
 
 
 def common_dtype(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

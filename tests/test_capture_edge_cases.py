@@ -87,7 +87,8 @@ def test_tensor_literals_in_forward_work_and_stay_out_of_the_model():
     before = set(vars(model))
     value = float(pm.path_norm(model, (3,)).detach())
     rows = [0, 2]
-    expected = float(model.fc.weight[rows].detach().double().abs().sum() + model.fc.bias[rows].detach().double().abs().sum())
+    weight, bias = model.fc.weight.detach().double(), model.fc.bias.detach().double()
+    expected = float(weight[rows].abs().sum() + bias[rows].abs().sum())
     assert value == pytest.approx(expected, rel=1e-9)
     assert set(vars(model)) == before
 
@@ -262,8 +263,8 @@ def test_bare_layers_as_models():
     other = copy.deepcopy(linear)
     with torch.no_grad():
         other.weight[0, 0] = 0
-    assert pm.path_metric(linear, other.state_dict(), (3,)).value == pytest.approx(abs(float(linear.weight[0, 0].detach())),
-                                                                                    rel=1e-6)
+    removed = abs(float(linear.weight[0, 0].detach()))
+    assert pm.path_metric(linear, other.state_dict(), (3,)).value == pytest.approx(removed, rel=1e-6)
 
 
 def test_log_scaling_keeps_representable_values_after_extreme_renormalizations():
