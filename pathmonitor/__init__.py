@@ -1,6 +1,7 @@
 """pathmonitor: path-norms and path-metrics of ReLU networks, live in training (see docs/MATH.md)."""
 from .bounds import GeneralizationBound, generalization_bound
-from .errors import PathComputationError, SupportReport, UnsupportedModelError, UnsupportedNode
+from .errors import (ParameterMismatchError, PathComputationError, SupportReport, UnsupportedModelError,
+                     UnsupportedNode)
 from .metrics import PathMetric, function_distance_bound, path_metric, quantization_bound
 from .norms import PathNormOverflowWarning, check_support, log_path_norm, path_norm
 from .rescale import random_rescale
@@ -8,6 +9,7 @@ from .scores import path_magnitude_scores
 
 __all__ = [
     "GeneralizationBound",
+    "ParameterMismatchError",
     "PathComputationError",
     "PathMetric",
     "PathNormOverflowWarning",
