@@ -175,6 +175,11 @@ def evaluate(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: 
 PRECISE_MINIMUM = 1e-280  # below this a float64 sum has lost relative precision to subnormals
 
 
+def is_precise(total: Tensor) -> bool:
+    """Whether a plain float64 total can be trusted: finite, and not sunk towards subnormals."""
+    return bool(torch.isfinite(total)) and float(total.detach()) > PRECISE_MINIMUM
+
+
 def log_of(total: Scaled, q: float) -> Tensor:
     """log of the value of a Scaled total, refusing NaN and +inf with the reason."""
     log = torch.log(total.value) + total.log_scale
@@ -191,7 +196,7 @@ def log_total(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q:
     autograd is on). A plain float64 pass, repeated with running log-scales only when it over- or
     underflows: both are exact, the plain one is cheaper."""
     total = evaluate(graph, model, magnitudes, q, log_scaled=False, device=device).value
-    if bool(torch.isfinite(total)) and float(total.detach()) > PRECISE_MINIMUM:
+    if is_precise(total):
         return torch.log(total)
     return log_of(evaluate(graph, model, magnitudes, q, log_scaled=True, device=device), q)
 

@@ -6,9 +6,9 @@ Every quantity is computed in float64 with running log-scales, so deep networks 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-import contextlib
 from typing import Callable, Iterator, Literal, Mapping, Sequence, Union
 
 import torch

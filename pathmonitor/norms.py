@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .engine import PRECISE_MINIMUM, Scaled, evaluate, log_of
+from .engine import Scaled, evaluate, is_precise, log_of
 from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import capture, check_graph
 from .logmath import exceeds_float64
@@ -70,7 +70,7 @@ def path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> T
     with running log-scales when it over- or underflows.
     """
     total = sum_of_powers(model, input_shape, q, log_scaled=False).value
-    if bool(torch.isfinite(total)) and float(total.detach()) > PRECISE_MINIMUM:
+    if is_precise(total):
         return total if q == 1 else total ** (1.0 / q)
     log_norm = log_path_norm(model, input_shape, q)
     if exceeds_float64(float(log_norm.detach())):

@@ -22,27 +22,23 @@ from .norms import PathNormOverflowWarning, unwrapped, validated_input_shape
 from .sources import ModuleSource, ParameterEdges, ParameterSource, ScoringMagnitudes
 
 
-def prunable_weights(graph: PathGraph, model: nn.Module) -> list[str]:
-    """Qualified names of the weights of every Linear / Conv / ConvTranspose the graph evaluates."""
-    names = []
-    for module_name in dict.fromkeys(graph.affine_modules()):
-        if not isinstance(model.get_submodule(module_name), BATCH_NORMS):
-            names.append(parameter_name(module_name, "weight"))
-    return names
+def prunable_weights(graph: PathGraph, model: nn.Module) -> dict[str, str]:
+    """{qualified weight name: module name} for every Linear / Conv / ConvTranspose the graph evaluates."""
+    return {parameter_name(module_name, "weight"): module_name for module_name in dict.fromkeys(graph.affine_modules())
+            if not isinstance(model.get_submodule(module_name), BATCH_NORMS)}
 
 
 def _selected_modules(graph: PathGraph, model: nn.Module, parameters: Optional[Iterable[str]]) -> list[str]:
     allowed = prunable_weights(graph, model)
     if parameters is None:
-        chosen = allowed
+        chosen = list(allowed)
     else:
         chosen = list(dict.fromkeys([parameters] if isinstance(parameters, str) else parameters))
         unknown = [name for name in chosen if name not in allowed]
         if unknown:
             raise ValueError(f"cannot score {unknown}: path-magnitude scores exist for the weights of Linear / Conv / "
-                             f"ConvTranspose layers on the input-output paths, e.g. {allowed[:3]}")
-    module_of = {parameter_name(module, "weight"): module for module in dict.fromkeys(graph.affine_modules())}
-    modules = [module_of[name] for name in chosen]
+                             f"ConvTranspose layers on the input-output paths, e.g. {list(allowed)[:3]}")
+    modules = [allowed[name] for name in chosen]
     _check_single_crossing(graph, modules)
     return modules
 
