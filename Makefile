@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m pathmonitor.demo
+	$(VENV)/bin/pathmonitor fit --config configs/digits.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -24,6 +24,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/path_norm_speed.py
 	$(PY) benchmarks/quantities_speed.py --models resnet18 resnet50
+	$(PY) benchmarks/monitor_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

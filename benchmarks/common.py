@@ -31,3 +31,12 @@ def side_by_side(candidates: dict[str, Callable[[], object]], repeats: int) -> d
         for name, fn in candidates.items():
             times[name].append(timed(fn))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def rss(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)

@@ -20,7 +20,7 @@ import sys
 import torch
 
 import pathmonitor as pm
-from common import INPUT_SHAPE, model as _model, side_by_side, timed
+from common import INPUT_SHAPE, model as _model, rss, side_by_side, timed
 
 MODELS = ("resnet18", "resnet50")
 
@@ -37,14 +37,6 @@ def time_ratio(name: str, repeats: int) -> dict:
     return {"floor_s": floor, "path_norm_s": path, "ratio": path / floor, "first_call_s": first_call}
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def _memory_child(name: str, what: str) -> None:
     model = _model(name)
     model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -57,12 +49,12 @@ def _memory_child(name: str, what: str) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # resets VmHWM to the current resident set
-        before = _rss("VmRSS")
+        before = rss("VmRSS")
         if what == "floor":
             floor_model(ones)
         else:
             pm.path_norm(model, INPUT_SHAPE)
-        peak = _rss("VmHWM")
+        peak = rss("VmHWM")
     print(json.dumps({"extra_bytes": peak - before, "model_bytes": model_bytes}))
 
 

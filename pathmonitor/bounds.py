@@ -81,7 +81,7 @@ def architecture_constants(graph: PathGraph, model: nn.Module) -> dict[str, int]
                 d_in=math.prod(graph.input_shape), d_out=recorder.output_size)
 
 
-def _check(name: str, value: Any, *, integer: bool = False, minimum: float = 0.0, strict: bool = True) -> None:
+def check_number(name: str, value: Any, *, integer: bool = False, minimum: float = 0.0, strict: bool = True) -> None:
     kind = numbers.Integral if integer else numbers.Real
     valid = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and (
         value > minimum if strict else value >= minimum)
@@ -102,17 +102,25 @@ def generalization_bound(model: nn.Module, input_shape: Sequence[int], n_samples
     inputs, used as max(B, 1). Every architecture constant is derived from the model and can be
     overridden."""
     model, shape = unwrapped(model), validated_input_shape(input_shape)
-    _check("n_samples", n_samples, integer=True)
-    _check("input_bound", input_bound)
-    _check("loss_lipschitz", loss_lipschitz)
+    check_number("n_samples", n_samples, integer=True)
+    check_number("input_bound", input_bound)
+    check_number("loss_lipschitz", loss_lipschitz)
     overrides = dict(depth=depth, max_pool_kernel=max_pool_kernel, max_pool_kinds=max_pool_kinds,
                      max_pools_per_path=max_pools_per_path, d_in=d_in, d_out=d_out)
     minimum = dict(depth=0, max_pool_kernel=1, max_pool_kinds=0, max_pools_per_path=0, d_in=1, d_out=1)
     for key, value in overrides.items():
         if value is not None:
-            _check(key, value, integer=True, minimum=minimum[key], strict=False)
+            check_number(key, value, integer=True, minimum=minimum[key], strict=False)
     constants = architecture_constants(capture(model, shape), model)
     constants.update({key: value for key, value in overrides.items() if value is not None})
+    with torch.no_grad():
+        log_norm = float(log_path_norm(model, shape, 1.0))
+    return assemble_bound(constants, log_norm, n_samples, input_bound, loss_lipschitz, sharpened)
+
+
+def assemble_bound(constants: dict[str, int], log_norm: float, n_samples: int, input_bound: float,
+                   loss_lipschitz: float = 1.0, sharpened: bool = False) -> GeneralizationBound:
+    """L_loss * exp(log_norm) * 4*C*B/sqrt(n) from the architecture constants (MATH.md section 5)."""
     D, K, P, M = (constants[key] for key in ("depth", "max_pool_kernel", "max_pool_kinds", "max_pools_per_path"))
     n_in, n_out = constants["d_in"], constants["d_out"]
     if sharpened:
@@ -121,8 +129,6 @@ def generalization_bound(model: nn.Module, input_shape: Sequence[int], n_samples
         c_squared = D * math.log((3 + 2 * P) * K) + math.log((3 + 2 * P) / (1 + P) * (n_in + 1) * n_out)
     # bias paths enter like inputs of value 1, so B below 1 counts as 1 (conservative either way)
     first_part = 4 * math.sqrt(c_squared) * max(float(input_bound), 1.0) / math.sqrt(n_samples)
-    with torch.no_grad():
-        log_norm = float(log_path_norm(model, shape, 1.0))
     log_value = math.log(loss_lipschitz * first_part) + log_norm
     return GeneralizationBound(value=exp_or_inf(log_value), first_part=first_part, path_norm=exp_or_inf(log_norm),
                                log_value=log_value, sharpened=sharpened, **constants)

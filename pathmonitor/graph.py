@@ -11,7 +11,7 @@ import enum
 import operator
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -562,11 +562,24 @@ def _setting(value: Any) -> Any:
     return ("object", id(value))
 
 
+_BOOKKEEPING: dict[type, frozenset[str]] = {}
+
+
+def ignore_bookkeeping(cls: type, names: Iterable[str]) -> None:
+    """Declare attributes that a framework's base class `cls` keeps on its instances and `forward`
+    never reads (a trainer's current hook name, say), so that their changes do not trace again."""
+    _BOOKKEEPING[cls] = _BOOKKEEPING.get(cls, frozenset()) | frozenset(names)
+
+
+def _ignored(module: nn.Module) -> frozenset[str]:
+    return _MODULE_INTERNALS.union(*(_BOOKKEEPING.get(cls, ()) for cls in type(module).__mro__))
+
+
 def _structure(model: nn.Module) -> tuple:
     """What a traced graph depends on: the module tree and every module's own attributes (kernel
     sizes, modes, flags and functions read in forward); a change to any of them means tracing again."""
     return tuple((name, id(m), type(m), tuple((key, _setting(value)) for key, value in vars(m).items()
-                                              if key not in _MODULE_INTERNALS))
+                                              if key not in _ignored(m)))
                  for name, m in model.named_modules())
 
 

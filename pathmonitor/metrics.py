@@ -142,9 +142,18 @@ def function_distance_bound(model: nn.Module, other: Network, input_shape: Seque
                             input_inf_norm: float) -> float:
     """Certified bound max(||x||_inf, 1) * ||Phi(theta) - Phi(theta')||_1 on ||R_theta(x) - R_theta'(x)||_1
     for every input x with ||x||_inf <= input_inf_norm (MATH.md section 3)."""
-    if not (isinstance(input_inf_norm, (int, float)) and input_inf_norm >= 0):
+    check_input_inf_norm(input_inf_norm)
+    return certified_change(path_metric(model, other, input_shape), input_inf_norm)
+
+
+def check_input_inf_norm(input_inf_norm: float) -> None:
+    if isinstance(input_inf_norm, bool) or not (isinstance(input_inf_norm, (int, float)) and input_inf_norm >= 0):
         raise ValueError(f"input_inf_norm must be a non-negative number, got {input_inf_norm!r}")
-    return max(float(input_inf_norm), 1.0) * path_metric(model, other, input_shape).value
+
+
+def certified_change(metric: PathMetric, input_inf_norm: float) -> float:
+    """max(input_inf_norm, 1) * metric.value: the bound on ||R_theta(x) - R_theta'(x)||_1 (MATH.md §3)."""
+    return max(float(input_inf_norm), 1.0) * metric.value
 
 
 def _per_channel_int8(t: Tensor, module: nn.Module) -> Tensor:

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from .engine import Scaled, evaluate, is_precise, log_of
 from .errors import PathComputationError, SupportReport, UnsupportedNode
-from .graph import capture, check_graph
-from .logmath import exceeds_float64
-from .sources import MetaSource, ModuleSource, ParameterEdges, PowerMagnitudes
+from .graph import PathGraph, capture, check_graph
+from .logmath import exceeds_float64, exp_or_inf
+from .sources import MetaSource, ModuleSource, ParameterEdges, ParameterSource, PowerMagnitudes
 
 
 class PathNormOverflowWarning(RuntimeWarning):
@@ -37,16 +37,20 @@ def validated_q(q: float) -> float:
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    """The user's module inside DistributedDataParallel / DataParallel / DeepSpeedEngine / torch.compile wrappers."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_deepspeed_engine(model):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
             model = model._orig_mod
         else:
             return model
+
+
+def _is_deepspeed_engine(model: nn.Module) -> bool:
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
 
 
 def sum_of_powers(model: nn.Module, input_shape: Sequence[int], q: float, *, log_scaled: bool) -> Scaled:
@@ -77,6 +81,21 @@ def path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> T
         warnings.warn(f"the L{q:g} path-norm is exp({float(log_norm.detach()):.6g}), beyond float64; returning inf. "
                       f"Use pathmonitor.log_path_norm for its exact logarithm.", PathNormOverflowWarning, stacklevel=2)
     return torch.exp(log_norm)
+
+
+def norm_and_log(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float) -> tuple[float, float]:
+    """(||Phi(theta)||_q, log ||Phi(theta)||_q) as floats, theta read from `source` (MATH.md §2), no autograd.
+
+    The value is computed as `path_norm` computes it (a plain float64 pass, log-scaled only when that
+    over- or underflows), so both agree to the last bit on the same weights."""
+    magnitudes = PowerMagnitudes(ParameterEdges(source), q)
+    with torch.no_grad():
+        total = evaluate(graph, model, magnitudes, q, log_scaled=False).value
+        if is_precise(total):
+            value = float(total if q == 1 else total ** (1.0 / q))
+            return value, math.log(value)
+        log_value = float(log_of(evaluate(graph, model, magnitudes, q, log_scaled=True), q)) / q
+    return exp_or_inf(log_value), log_value
 
 
 def check_support(model: nn.Module, input_shape: Sequence[int]) -> SupportReport:

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Mapping, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
+from .distributed import from_rank_zero, full, gathered, is_buffer_key, is_sharded, world
 from .errors import ParameterMismatchError
 from .layers import edge_parameters, parameter_name, tensor_names
 
@@ -29,10 +30,18 @@ class ParameterSource(Protocol):
 
 
 class ModuleSource:
-    """The tensors of the module called `name` inside `root`, as they are in memory."""
+    """The tensors of the module called `name` inside `root`, as its forward would use them.
 
-    def __init__(self, root: nn.Module):
+    Sharded parameters (DeepSpeed ZeRO-3, FSDP2 DTensors) are gathered one module at a time and freed
+    right after, which makes every read a collective. With `buffers_from_rank_zero` every rank reads
+    rank 0's running statistics; by default it does so exactly when the parameters are sharded (every
+    rank takes part then anyway), so a plain or DDP model is read locally, from any single rank."""
+
+    def __init__(self, root: nn.Module, buffers_from_rank_zero: Optional[bool] = None):
         self.root = root
+        if buffers_from_rank_zero is None:
+            buffers_from_rank_zero = is_sharded(root)
+        self.buffers_from_rank_zero = buffers_from_rank_zero and world()[1] > 1
 
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
@@ -44,7 +53,12 @@ class ModuleSource:
         if type(own) is not type(module):
             raise ParameterMismatchError(f"module {name!r} is a {type(own).__name__} in the other network, "
                              f"a {type(module).__name__} in the model")
-        yield {key: _effective(own, key) for key in tensor_names(module)}
+        with gathered(own):
+            tensors = {key: full(_effective(own, key)) for key in tensor_names(module)}
+            if self.buffers_from_rank_zero:
+                tensors = {key: from_rank_zero(t) if t is not None and is_buffer_key(key) else t
+                           for key, t in tensors.items()}
+            yield tensors
 
 
 def _effective(module: nn.Module, key: str) -> Optional[Tensor]:

@@ -1,0 +1,175 @@
+"""Training time with the three monitors at their default cadence over the time without them, and the
+per-rank peak memory of one path-norm evaluation under ZeRO-3.
+
+Runs (each a fresh process; ZeRO-3 with 2 CPU processes) alternate with and without monitors, so the
+noise of a shared machine affects both alike; the figure is the ratio of the medians of `Trainer.fit`
+wall time. Tasks: the digits demo (5 epochs) and a torchvision resnet18 at 3x32x32 on random data.
+Peak memory: VmHWM (reset through /proc/self/clear_refs) above the resident set before one cached
+path-norm evaluation on each ZeRO-3 rank, over the size of the largest module's parameters.
+
+    python benchmarks/monitor_overhead.py [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from pytorch_lightning.callbacks import Callback  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from common import rss  # noqa: E402
+from pathmonitor.callbacks import GeneralizationBoundMonitor, PathMetricDrift, PathNormMonitor  # noqa: E402
+from pathmonitor.callbacks.digits import DigitsData, DigitsNet  # noqa: E402
+
+
+class Resnet18(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        self.net = torchvision.models.resnet18(num_classes=10)
+        self.example_input_array = torch.zeros(1, 3, 32, 32)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _step(self, batch, stage):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class RandomImages(pl.LightningDataModule):
+    def __init__(self, batch_size: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        x, y = torch.randn(576, 3, 32, 32, generator=generator), torch.randint(0, 10, (576,), generator=generator)
+        self.train_set, self.val_set = TensorDataset(x[:512], y[:512]), TensorDataset(x[512:], y[512:])
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+TASKS = {"digits": (lambda: DigitsNet(), lambda b: DigitsData(batch_size=b), 64, 5),
+         "resnet18": (Resnet18, RandomImages, 32, 4)}
+
+
+class PeakMemory(Callback):
+    """At the end of training: the resident-set peak of one cached path-norm evaluation on this rank."""
+
+    def __init__(self, out: Path):
+        self.out, self.monitor = out, PathNormMonitor()
+
+    def setup(self, trainer, pl_module, stage):
+        self.monitor.setup(trainer, pl_module, stage)
+
+    def on_train_end(self, trainer, pl_module):
+        tracked = self.monitor.tracked
+        tracked.at("warm-up").path_norm()
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM to the current resident set
+        before = rss("VmRSS")
+        tracked.at("measured").path_norm()
+        peak = rss("VmHWM")
+        largest = max(sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in m.parameters(recurse=False))
+                      for m in pl_module.modules())
+        total = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in pl_module.parameters())
+        (self.out / f"memory{trainer.global_rank}.json").write_text(json.dumps(
+            {"extra": peak - before, "largest_module": largest, "model": total}))
+
+
+def child(task: str, mode: str, monitors: bool, out: Path, memory: bool) -> None:
+    make_model, make_data, batch, epochs = TASKS[task]
+    pl.seed_everything(0)
+    callbacks = [PathNormMonitor(), PathMetricDrift(), GeneralizationBoundMonitor()] if monitors else []
+    if memory:
+        callbacks.append(PeakMemory(out))
+    if mode == "zero3":
+        from pathmonitor.strategies import CPUDeepSpeedStrategy
+
+        config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": batch // 2}
+        strategy, devices, batch = CPUDeepSpeedStrategy(config=config, logging_level=40), 2, batch // 2
+    else:
+        strategy, devices = "auto", 1
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs,
+                         callbacks=callbacks, default_root_dir=str(out), logger=pl.loggers.TensorBoardLogger(str(out)),
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         max_steps=1 if memory else -1)
+    start = time.perf_counter()
+    trainer.fit(make_model(), make_data(batch))
+    seconds = time.perf_counter() - start
+    if trainer.is_global_zero:
+        (out / "seconds.json").write_text(json.dumps(seconds))
+
+
+def run(task: str, mode: str, monitors: bool, memory: bool = False) -> Path:
+    out = Path(tempfile.mkdtemp(prefix="pathmonitor-bench-"))
+    command = [sys.executable, __file__, "--child", task, mode, str(int(monitors)), str(out)]
+    subprocess.run(command + (["--memory"] if memory else []), check=True, capture_output=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        task, mode, monitors, out = args.child
+        child(task, mode, bool(int(monitors)), Path(out), args.memory)
+        return
+    print(f"torch {torch.__version__}, pytorch_lightning {pl.__version__}, CPU, median of {args.repeats} runs each\n")
+    print("| task | strategy | fit without monitors | fit with the three monitors | ratio |")
+    print("|---|---|---|---|---|")
+    for task in TASKS:
+        for mode in ("single", "zero3"):
+            run(task, mode, False)  # warm-up: caches, DeepSpeed's compiled op
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(args.repeats):
+                for monitors in (False, True):
+                    times[monitors].append(json.loads((run(task, mode, monitors) / "seconds.json").read_text()))
+            without, with_ = statistics.median(times[False]), statistics.median(times[True])
+            print(f"| {task} | {'1 process' if mode == 'single' else 'ZeRO-3, 2 processes'} | {without:.1f} s "
+                  f"| {with_:.1f} s | {with_ / without:.3f}x |", flush=True)
+    out = run("resnet18", "zero3", False, memory=True)
+    print("\nOne path-norm evaluation of resnet18 (3x32x32) under ZeRO-3, per rank:\n")
+    print("| rank | peak extra memory | largest module's parameters | ratio | whole model's parameters |")
+    print("|---|---|---|---|---|")
+    for rank in (0, 1):
+        m = json.loads((out / f"memory{rank}.json").read_text())
+        print(f"| {rank} | {m['extra'] / 2**20:.1f} MiB | {m['largest_module'] / 2**20:.1f} MiB "
+              f"| {m['extra'] / m['largest_module']:.2f} | {m['model'] / 2**20:.1f} MiB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""What every pathmonitor callback shares: which module it watches, at which input shape, the support
+check at set-up, the shared `TrackedModel`, the step cadence and the way values reach the loggers.
+
+Values go to every logger with `logger.log_metrics(..., step=trainer.global_step)` rather than through
+`LightningModule.log`: the latter writes step-level values only every `log_every_n_steps` and adds
+`_step` / `_epoch` suffixes, and it may not be called from `on_save_checkpoint`. They are also put in
+`trainer.callback_metrics`, so `ModelCheckpoint` and `EarlyStopping` can monitor them. Every value is
+identical on every rank (the computation is collective), so no reduction across ranks is needed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, Mapping, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+
+from pathmonitor.errors import UnsupportedModelError
+from pathmonitor.graph import ignore_bookkeeping
+from pathmonitor.norms import check_support, validated_input_shape
+from pathmonitor.tracking import TrackedModel, tracked
+
+# Lightning rewrites these on the LightningModule in every hook (the current hook's name, ...): the
+# captured graph must not be traced again for them
+ignore_bookkeeping(pl.LightningModule, set(vars(pl.LightningModule())) - set(vars(nn.Module())))
+
+
+class MonitorError(ValueError):
+    """A pathmonitor callback is misconfigured for this model; raised at set-up, before any training step."""
+
+
+def exponent_tag(q: float) -> str:
+    """'1' for q = 1.0, '1.5' for q = 1.5: integers in tag names where the exponent is integral."""
+    return str(int(q)) if float(q).is_integer() else f"{q:g}"
+
+
+def validated_every(name: str, value: Optional[int], *, allow_none: bool) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def moment(trainer: "pl.Trainer") -> Hashable:
+    """The training step; `TrackedModel.at` adds the weights' version counters to it, which any
+    change of a parameter or a batch-norm statistic bumps."""
+    return trainer.global_step, trainer.fit_loop.epoch_loop.total_batch_idx
+
+
+def log_values(trainer: "pl.Trainer", values: Mapping[str, float]) -> None:
+    """Write scalars to every logger at `trainer.global_step` and make them monitorable."""
+    if not values:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(values), step=trainer.global_step)  # Lightning's loggers write on rank 0 only
+    for tag, value in values.items():
+        trainer.callback_metrics[tag] = torch.tensor(value, dtype=torch.float64)
+
+
+class PathCallback(Callback):
+    """Base of the pathmonitor callbacks: resolves the watched module and the input shape, checks support."""
+
+    def __init__(self, module: Optional[str] = None, input_shape: Optional[Sequence[int]] = None):
+        if module is not None and not isinstance(module, str):
+            raise TypeError(f"module must be the qualified name of a sub-module (a string), got {module!r}")
+        self.module = module
+        self.input_shape = None if input_shape is None else validated_input_shape(input_shape)
+        self._tracked: Optional[TrackedModel] = None
+
+    # -- set-up --------------------------------------------------------------------------------------
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        watched = self.watched_module(pl_module)
+        shape = self.resolved_input_shape(pl_module)
+        report = check_support(watched, shape)
+        if report:
+            where = f"sub-module {self.module!r}" if self.module else type(pl_module).__name__
+            raise MonitorError(f"{type(self).__name__} cannot watch {where}: {UnsupportedModelError(report)} "
+                               f"Every pathmonitor callback takes module='<name>' to watch a supported sub-module.")
+        self._tracked = tracked(watched, shape, synchronized=trainer.world_size > 1)
+
+    def watched_module(self, pl_module: "pl.LightningModule") -> nn.Module:
+        if self.module is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError:
+            children = [name for name, _ in pl_module.named_children()]
+            raise MonitorError(f"{type(self).__name__}(module={self.module!r}): {type(pl_module).__name__} has no "
+                               f"sub-module {self.module!r}; its children are {children}") from None
+
+    def resolved_input_shape(self, pl_module: "pl.LightningModule") -> tuple[int, ...]:
+        """`input_shape` if given, else the shape of the LightningModule's `example_input_array` without
+        its batch dimension."""
+        if self.input_shape is not None:
+            return self.input_shape
+        example = getattr(pl_module, "example_input_array", None)
+        if isinstance(example, torch.Tensor) and example.dim() >= 2:
+            return validated_input_shape(example.shape[1:])
+        if example is None:
+            problem = "it has no example_input_array"
+        else:
+            problem = (f"its example_input_array is a {type(example).__name__}, not one batched tensor "
+                       f"(path quantities are defined for one input)")
+        raise MonitorError(f"{type(self).__name__} needs the shape of one input without the batch dimension: pass "
+                           f"input_shape=(C, H, W), or set example_input_array on {type(pl_module).__name__} "
+                           f"({problem})")
+
+    @property
+    def tracked(self) -> TrackedModel:
+        if self._tracked is None:
+            raise RuntimeError(f"{type(self).__name__} is used before Trainer.fit set it up")
+        return self._tracked
+
+    def now(self, trainer: "pl.Trainer") -> TrackedModel:
+        """The shared tracked model, at the current moment of training."""
+        return self.tracked.at(moment(trainer))
+
+
+def is_due(step: int, every_n: Optional[int], last_step: int) -> bool:
+    """Right after an optimizer step, when `step` (1 after the first step) is a multiple of n and not yet handled."""
+    return every_n is not None and step > 0 and step != last_step and step % every_n == 0
+
+
+def log10(log_value: float) -> float:
+    return log_value / math.log(10)
+
+
+def restore(target: Any, state: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """Set the attributes `keys` from `state`; keys missing from older checkpoints keep their values."""
+    for key in keys:
+        if key in state:
+            setattr(target, key, state[key])

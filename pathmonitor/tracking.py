@@ -1,0 +1,114 @@
+"""Path quantities of a model while it trains, shared by every monitor that asks (DESIGN.md layer 3).
+
+A `TrackedModel` holds the model, its input shape and the parameter source that reads it (gathering
+under sharding, rank 0's running statistics under DDP and DeepSpeed). Values are cached per moment:
+a token from the caller (the training step) together with the version counters of every parameter,
+shard and buffer, which any in-place change bumps (an optimizer step, a batch-norm update, pruning,
+`load_state_dict`). So several monitors asking for the L1 path-norm at one step cost one evaluation,
+and a change of the weights between them is never missed. `tracked(model, shape)` returns
+the one instance per (model, input shape), so monitors also share the captured graph.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence, TypeVar
+
+from torch import nn
+
+from .bounds import GeneralizationBound, architecture_constants, assemble_bound
+from .distributed import ShardedSnapshot, is_dtensor, is_sharded
+from .graph import PathGraph, capture
+from .metrics import PathMetric, metric_between
+from .norms import norm_and_log, unwrapped, validated_input_shape, validated_q
+from .sources import ModuleSource, ParameterSource
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class NormValue:
+    """||Phi(theta)||_q (inf beyond float64) and its exact natural logarithm."""
+
+    value: float
+    log_value: float
+
+
+class TrackedModel:
+    """One model's path quantities during training, each evaluated at most once per moment."""
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], *, synchronized: bool):
+        self.model = unwrapped(model)
+        self.input_shape = validated_input_shape(input_shape)
+        self.source = ModuleSource(self.model, buffers_from_rank_zero=synchronized)
+        self._moment: Hashable = None
+        self._values: dict[Hashable, object] = {}
+        self._constants: tuple[PathGraph, dict[str, int]] | None = None
+        self.input_bound: float | None = None  # max ||x||_inf over the training inputs, once measured
+
+    @property
+    def graph(self) -> PathGraph:
+        return capture(self.model, self.input_shape)
+
+    def at(self, moment: Hashable) -> "TrackedModel":
+        """Values computed at another moment, or on other weights, are forgotten."""
+        moment = (moment, weights_version(self.model))
+        if moment != self._moment:
+            self._moment, self._values = moment, {}
+        return self
+
+    def _cached(self, key: Hashable, compute: Callable[[], T]) -> T:
+        if key not in self._values:
+            self._values[key] = compute()
+        return self._values[key]  # type: ignore[return-value]
+
+    def path_norm(self, q: float = 1.0) -> NormValue:
+        """||Phi(theta)||_q of the current weights (MATH.md section 2)."""
+        q = validated_q(q)
+        return self._cached(("norm", q), lambda: NormValue(*norm_and_log(self.graph, self.model, self.source, q)))
+
+    def path_metric(self, reference: ParameterSource) -> PathMetric:
+        """||Phi(theta) - Phi(theta_reference)||_1, current weights first (MATH.md section 3)."""
+        # keyed on the object itself, which keeps it alive: a new reference never reuses a stale entry
+        return self._cached(("metric", reference),
+                            lambda: metric_between(self.graph, self.model, self.source, reference))
+
+    def generalization_bound(self, n_samples: int, input_bound: float, loss_lipschitz: float = 1.0,
+                             sharpened: bool = False) -> GeneralizationBound:
+        """The bound of MATH.md section 5 from the current L1 path-norm."""
+        graph = self.graph
+        if self._constants is None or self._constants[0] is not graph:  # depends on the graph only
+            self._constants = (graph, architecture_constants(graph, self.model))
+        return assemble_bound(dict(self._constants[1]), self.path_norm(1.0).log_value, n_samples, input_bound,
+                              loss_lipschitz, sharpened)
+
+    def snapshot(self) -> ShardedSnapshot:
+        """A frozen copy of the current weights and running statistics, sharded like the parameters."""
+        modules = {name: self.model.get_submodule(name) for name in dict.fromkeys(self.graph.affine_modules())}
+        return ShardedSnapshot.take(modules, self.source, sharded=is_sharded(self.model))
+
+
+def weights_version(model: nn.Module) -> int:
+    """The sum of the version counters of every parameter (and its ZeRO-3 partition or DTensor shard)
+    and buffer: it grows with every in-place change of any of them."""
+    version = sum(b._version for b in model.buffers())
+    for p in model.parameters():
+        version += p._version
+        shard = getattr(p, "ds_tensor", None)  # ZeRO-3: the optimizer writes the partition
+        if shard is None and is_dtensor(p):
+            shard = p._local_tensor
+        version += 0 if shard is None else shard._version
+    return version
+
+
+_TRACKED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, TrackedModel]]" = weakref.WeakKeyDictionary()
+
+
+def tracked(model: nn.Module, input_shape: Sequence[int], *, synchronized: bool) -> TrackedModel:
+    """The shared `TrackedModel` of (model, input_shape, synchronized)."""
+    model, shape = unwrapped(model), validated_input_shape(input_shape)
+    per_model = _TRACKED.setdefault(model, {})
+    key = (shape, synchronized)
+    if key not in per_model:
+        per_model[key] = TrackedModel(model, shape, synchronized=synchronized)
+    return per_model[key]

@@ -1,0 +1,267 @@
+"""The monitors in one process: misconfiguration caught before the first step, loggers other than
+TensorBoard, shared evaluations, state, the TensorBoard server and the `pathmonitor` command."""
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+import pathmonitor.tracking
+from pathmonitor.callbacks import GeneralizationBoundMonitor, MonitorError, PathMetricDrift, PathNormMonitor
+from pathmonitor.callbacks.digits import DigitsData, DigitsNet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Exotic(pl.LightningModule):
+    """A CNN with two layers outside the path model, and a count of training steps actually taken."""
+
+    def __init__(self, example: bool = True):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+        self.head = nn.Sequential(nn.LayerNorm(10), nn.GELU(), nn.Linear(10, 10))
+        self.steps_taken = 0
+        if example:
+            self.example_input_array = torch.zeros(1, 1, 8, 8)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def training_step(self, batch, batch_idx):
+        self.steps_taken += 1
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    kwargs.setdefault("logger", False)
+    return pl.Trainer(accelerator="cpu", max_steps=kwargs.pop("max_steps", 4), callbacks=callbacks,
+                      default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, num_sanity_val_steps=0, **kwargs)
+
+
+def data():
+    return DigitsData(batch_size=32, limit=200)
+
+
+def test_unsupported_layers_are_all_listed_before_the_first_step(tmp_path):
+    model = Exotic()
+    with pytest.raises(MonitorError) as caught:
+        trainer(tmp_path, [PathNormMonitor()]).fit(model, data())
+    message = str(caught.value)
+    assert "head.0 (LayerNorm)" in message and "head.1 (GELU)" in message
+    assert "module=" in message
+    assert model.steps_taken == 0
+
+
+def test_a_supported_sub_module_can_be_watched(tmp_path):
+    model = Exotic()
+    monitor = PathNormMonitor(module="features", every_n_steps=2)
+    trainer(tmp_path, [monitor]).fit(model, data())
+    assert model.steps_taken == 4
+    assert monitor.last["pathnorm/l1"] == pytest.approx(float(pathmonitor.path_norm(model.features, (1, 8, 8))),
+                                                         rel=1e-12)
+
+
+def test_missing_input_shape_and_unknown_module_fail_clearly(tmp_path):
+    with pytest.raises(MonitorError, match="input_shape=.*example_input_array"):
+        trainer(tmp_path, [PathNormMonitor(module="features")]).fit(Exotic(example=False), data())
+    with pytest.raises(MonitorError, match=r"no sub-module 'featurez'.*\['features', 'head'\]"):
+        trainer(tmp_path, [PathMetricDrift(module="featurez")]).fit(Exotic(), data())
+
+
+def test_two_drift_monitors_need_their_own_tags(tmp_path):
+    with pytest.raises(MonitorError, match="prefix"):
+        trainer(tmp_path, [PathMetricDrift(), PathMetricDrift(reference="init")]).fit(DigitsNet(width=4), data())
+
+
+@pytest.mark.parametrize("callback, bad", [
+    (PathNormMonitor, dict(q=0.5)), (PathNormMonitor, dict(q=())), (PathNormMonitor, dict(every_n_steps=0)),
+    (PathNormMonitor, dict(log_on="batch")), (PathNormMonitor, dict(input_shape=(1, -8))),
+    (PathMetricDrift, dict(reference="yesterday")), (PathMetricDrift, dict(input_bound=-1.0)),
+    (PathMetricDrift, dict(prefix="")), (GeneralizationBoundMonitor, dict(loss_lipschitz=0)),
+    (GeneralizationBoundMonitor, dict(gap_metrics="ab")), (GeneralizationBoundMonitor, dict(gap_kind="f1")),
+    (GeneralizationBoundMonitor, dict(n_samples=0))])
+def test_bad_arguments_are_refused_at_construction(callback, bad):
+    with pytest.raises(ValueError):
+        callback(**bad)
+
+
+def test_csv_logger_gets_the_scalars_and_one_warning(tmp_path):
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    callbacks = [PathNormMonitor(every_n_steps=2), GeneralizationBoundMonitor(gap_metrics=("nope", "nada"))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callbacks, logger=logger, max_steps=8).fit(DigitsNet(width=4), data())
+    layout_warnings = [w for w in caught if "custom-scalars" in str(w.message)]
+    assert len(layout_warnings) == 1
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    norms = {int(row["step"]): float(row["pathnorm/l1"]) for row in rows if row.get("pathnorm/l1")}
+    assert sorted(norms) == [2, 4, 6, 8]
+    assert any(row.get("bound/value") for row in rows)
+    # the gap metrics named are not logged, so the callback measured the accuracy gap itself
+    assert "measured" in callbacks[1].gap_source and "bound/gap" in callbacks[1].last
+
+
+def test_monitors_share_one_evaluation_per_step(tmp_path, monkeypatch):
+    calls = []
+    original = pathmonitor.tracking.norm_and_log
+    monkeypatch.setattr(pathmonitor.tracking, "norm_and_log", lambda *a: calls.append(a[-1]) or original(*a))
+    callbacks = [PathNormMonitor(q=(1, 2), every_n_steps=2), PathNormMonitor(q=1, every_n_steps=2),
+                 GeneralizationBoundMonitor()]
+    trainer(tmp_path, callbacks, max_steps=6).fit(DigitsNet(width=4), data())  # epochs of 5 steps
+    # steps 2, 4, 6: one L1 and one L2 evaluation each, however many monitors ask; the bound at the end
+    # of epoch 1 (step 5) one more L1, and at the end of training (step 6) none: it shares step 6's
+    assert sorted(calls) == [1.0] * 4 + [2.0] * 3
+    assert callbacks[0].last["pathnorm/l1"] == callbacks[1].last["pathnorm/l1"]
+
+
+class HalveWeights(pl.Callback):
+    """Changes the weights in place at the end of every epoch, without an optimizer step (like pruning)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.mul_(0.5)
+
+
+def test_a_weight_change_between_two_monitors_at_one_step_is_seen(tmp_path):
+    norm, bound = PathNormMonitor(log_on="epoch"), GeneralizationBoundMonitor(n_samples=160, input_bound=1.0)
+    model = DigitsNet(width=4)
+    trainer(tmp_path, [norm, HalveWeights(), bound], max_steps=5).fit(model, data())
+    with torch.no_grad():
+        expected = pathmonitor.generalization_bound(model, (1, 8, 8), n_samples=160, input_bound=1.0)
+        before = norm.last["pathnorm/l1"]
+    assert bound.last["bound/value"] == pytest.approx(expected.value, rel=1e-9)
+    # the path-norm logged before the weights were halved is not reused (a halving changes it by 2^depth)
+    assert bound.last["bound/value"] < bound.last["bound/first_part"] * before / 2
+
+
+def test_a_second_fit_of_the_same_model_logs_its_own_values(tmp_path):
+    model, monitor = DigitsNet(width=4), PathNormMonitor(log_on="epoch")
+    trainer(tmp_path, [monitor], max_steps=5).fit(model, data())
+    first = monitor.last["pathnorm/l1"]
+    second_monitor = PathNormMonitor(log_on="epoch")
+    trainer(tmp_path, [second_monitor], max_steps=5).fit(model, data())
+    assert second_monitor.last["pathnorm/l1"] != first
+    assert second_monitor.last["pathnorm/l1"] == pytest.approx(float(pathmonitor.path_norm(model, (1, 8, 8)).detach()),
+                                                                 rel=1e-12)
+
+
+def test_drift_between_checkpoints_refuses_weights_only_checkpoints(tmp_path):
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)
+    run = pl.Trainer(accelerator="cpu", max_steps=2, callbacks=[PathMetricDrift(), checkpoints], logger=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(MonitorError, match="save_weights_only"):
+        run.fit(DigitsNet(width=4), data())
+
+
+def test_measured_gap_is_the_plain_accuracy_gap_and_leaves_training_as_it_was(tmp_path):
+    def fit(callbacks):
+        torch.manual_seed(0)
+        model = DigitsNet(width=4)
+        # no logged gap metrics: the monitor measures n, B and the accuracy gap itself
+        trainer(tmp_path, callbacks, max_steps=5).fit(model, DigitsData(batch_size=32, limit=200))
+        return model
+
+    bound = GeneralizationBoundMonitor(gap_metrics=("absent_train", "absent_val"))
+    watched, plain = fit([bound]), fit([])
+    for a, b in zip(watched.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)  # same batches, same weights: the passes drew no random numbers
+    data_module = DigitsData(batch_size=32, limit=200)
+    data_module.setup("fit")
+    watched.eval()
+    with torch.no_grad():
+        accuracy = [float((watched(d.tensors[0]).argmax(1) == d.tensors[1]).float().mean())
+                    for d in (data_module.train_set, data_module.val_set)]
+    assert bound.last["bound/gap"] == pytest.approx(accuracy[0] - accuracy[1], abs=1e-6)
+    assert (bound.n_samples, bound.input_bound) == (160, 1.0)
+
+
+def test_measured_gap_runs_under_bf16_precision(tmp_path):
+    bound = GeneralizationBoundMonitor(gap_metrics=("absent_train", "absent_val"))
+    trainer(tmp_path, [bound], max_steps=5, precision="bf16-true").fit(DigitsNet(width=4), data())
+    assert "bound/gap" in bound.last
+
+
+def test_state_round_trips_and_tolerates_older_checkpoints():
+    monitor = PathMetricDrift(reference="init")
+    monitor.load_state_dict({})  # a checkpoint from before this callback had state
+    monitor.last, monitor.last_step = {"pathmetric/drift": 1.5}, 12
+    other = PathMetricDrift(reference="init")
+    other.load_state_dict(monitor.state_dict())
+    assert (other.last, other.last_step) == ({"pathmetric/drift": 1.5}, 12)
+    assert PathMetricDrift().state_key != PathMetricDrift(reference="init").state_key
+
+
+def test_core_package_does_not_import_lightning():
+    code = "import sys, pathmonitor; print(any('lightning' in m for m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str, deadline: float):
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_real_tensorboard_server_serves_the_tags_and_the_bound_chart(tmp_path):
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    callbacks = [PathNormMonitor(every_n_steps=2), PathMetricDrift(every_n_steps=2), GeneralizationBoundMonitor()]
+    trainer(tmp_path, callbacks, logger=logger, max_steps=7).fit(DigitsNet(width=4), data())
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "tb"),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}/data/plugin"
+        deadline = time.monotonic() + 120
+        tags = _get_json(f"{base}/scalars/tags", deadline)
+        while "version_0" not in tags and time.monotonic() < deadline:  # the server loads event files lazily
+            time.sleep(0.5)
+            tags = _get_json(f"{base}/scalars/tags", deadline)
+        served = set(tags["version_0"])
+        assert {"pathnorm/l1", "pathnorm/log10_l1", "pathmetric/drift", "bound/value", "bound/gap"} <= served
+        layout = _get_json(f"{base}/custom_scalars/layout", deadline)
+        chart = layout["category"][0]["chart"][0]
+        assert chart["multiline"]["tag"] == ["bound/value", "bound/gap"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_pathmonitor_fit_runs_the_demo_config(tmp_path):
+    command = [str(Path(sys.executable).parent / "pathmonitor"), "fit", "--config", str(REPO / "configs" / "digits.yaml"),
+               "--trainer.max_epochs", "1"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "pathnorm/l1" in done.stdout and "tensorboard --logdir runs" in done.stdout
+    assert list((tmp_path / "runs" / "digits" / "version_0").glob("events.out.tfevents.*"))

@@ -1,0 +1,133 @@
+"""A short digits training run with the three monitors, for the end-to-end tests.
+
+Run as a script (Lightning's DDP and DeepSpeed launchers start the other ranks by running it again):
+    python tests/training_run.py STRATEGY OUT_DIR [--max-steps N] [--stop-at N] [--resume CKPT]
+STRATEGY is one of single, ddp, zero1, zero2, zero3, fsdp2 (2 CPU processes for all but single).
+Every rank writes OUT_DIR/rank{r}.json with the monitors' float64 values and how many parameters it
+held only a part of at every step. TensorBoard event files go to OUT_DIR/tb, checkpoints (one per
+epoch and one at the end) to OUT_DIR/ckpt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pathmonitor.callbacks import GeneralizationBoundMonitor, PathMetricDrift, PathNormMonitor
+from pathmonitor.callbacks.digits import DigitsData, DigitsNet
+
+EVERY = 4  # monitor cadence in steps
+BATCH = 64  # over all ranks: 8 steps per epoch on 480 training samples, whatever the number of ranks
+
+
+def strategy_for(name: str):
+    if name == "single":
+        return "auto", 1
+    if name == "ddp":
+        return "ddp", 2
+    if name == "fsdp2":
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False), 2
+    from pathmonitor.strategies import CPUDeepSpeedStrategy
+
+    # threshold 0: every parameter really sharded under ZeRO-3, however small
+    config = {"zero_optimization": {"stage": int(name[-1]), "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": BATCH // 2}
+    return CPUDeepSpeedStrategy(config=config, logging_level=40), 2
+
+
+class UnshuffledDigits(DigitsData):
+    """The digits in a fixed order on every rank and in every epoch. Lightning resumed from an
+    epoch-end checkpoint sets the sampler's epoch one higher than an uninterrupted run does (and always
+    shuffles a training set it shards), so only an unshuffled order lets both runs see the same batches."""
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = DistributedSampler(self.train_set, shuffle=False) if dist.is_initialized() else None
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler)
+
+
+class FullyShardedDigitsNet(DigitsNet):
+    """DigitsNet with every layer's parameters sharded by FSDP2 (DTensors) across the data-parallel ranks."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+class ShardingProbe(Callback):
+    """Counts, at every step, the parameters this rank holds only a part of: an empty ZeRO-3 partition,
+    or an FSDP2 DTensor whose local shard is smaller than the whole."""
+
+    def __init__(self) -> None:
+        self.sharded: list[tuple[int, int]] = []  # (sharded parameters, parameters)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        params = list(pl_module.parameters())
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP2: this rank's shard
+        self.sharded.append((sum(p.numel() == 0 or t.numel() < p.numel() for p, t in zip(params, local)),
+                             len(params)))
+
+
+class StopAt(Callback):
+    """Kills the process as the first batch after step `step` starts: the checkpoint written at the end
+    of the previous epoch is all a resumed run gets."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.strategy.barrier()
+            os._exit(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("strategy")
+    parser.add_argument("out")
+    parser.add_argument("--max-steps", type=int, default=24)
+    parser.add_argument("--stop-at", type=int)
+    parser.add_argument("--resume")
+    args = parser.parse_args()
+    out = Path(args.out)
+    strategy, devices = strategy_for(args.strategy)
+    pl.seed_everything(0, workers=True)
+    model = (FullyShardedDigitsNet if args.strategy == "fsdp2" else DigitsNet)(width=8)
+    out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and args.resume is None:
+        torch.save(model.state_dict(), out / "init.pt")
+    monitors = [PathNormMonitor(q=(1, 2), every_n_steps=EVERY), PathMetricDrift(reference="init", every_n_steps=EVERY),
+                PathMetricDrift(reference="last_checkpoint", prefix="pathmetric_checkpoint"), GeneralizationBoundMonitor()]
+    probe = ShardingProbe()
+    extra = [StopAt(args.stop_at)] if args.stop_at else []
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=args.max_steps, default_root_dir=str(out),
+        logger=TensorBoardLogger(str(out), name="tb", version=0),
+        callbacks=[*monitors, probe, ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1), *extra],
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0,
+        use_distributed_sampler=False)
+    trainer.fit(model, UnshuffledDigits(batch_size=BATCH // devices, limit=600), ckpt_path=args.resume)
+    trainer.save_checkpoint(str(out / "ckpt" / "final.ckpt"))  # collective: every rank
+    result = {"norm": monitors[0].last, "drift_init": monitors[1].last, "drift_checkpoint": monitors[2].last,
+              "bound": monitors[3].last, "n_samples": monitors[3].n_samples, "input_bound": monitors[3].input_bound,
+              "sharded": probe.sharded, "global_step": trainer.global_step}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
