@@ -1,9 +1,13 @@
-"""Training time with the three monitors at their default cadence over the time without them, and the
-per-rank peak memory of one path-norm evaluation under ZeRO-3.
+"""Training time with the three monitors at their default cadence over the time without them, what
+each monitor action costs, and the per-rank peak memory of one path-norm evaluation under ZeRO-3.
 
 Runs (each a fresh process; ZeRO-3 with 2 CPU processes) alternate with and without monitors, so the
 noise of a shared machine affects both alike; the figure is the ratio of the medians of `Trainer.fit`
-wall time. Tasks: the digits demo (5 epochs) and a torchvision resnet18 at 3x32x32 on random data.
+wall time. Beside it, the time spent inside the monitors' hooks (Lightning's SimpleProfiler, rank 0)
+over the fit time of the same run, which does not depend on two noisy runs, and the mean cost of each
+action: a drift at a checkpoint save, a bound at an epoch end, one path-norm evaluation, the set-up.
+Tasks: the digits demo (5 epochs of 23 steps) and a torchvision resnet18 at 3x32x32 on random data
+(4 epochs of 16 steps): epochs far shorter than real ones, so the per-epoch actions weigh heavily.
 Peak memory: VmHWM (reset through /proc/self/clear_refs) above the resident set before one cached
 path-norm evaluation on each ZeRO-3 rank, over the size of the largest module's parameters.
 
@@ -12,6 +16,7 @@ path-norm evaluation on each ZeRO-3 rank, over the size of the largest module's 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -28,6 +33,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
+from pytorch_lightning.profilers import SimpleProfiler  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from common import rss  # noqa: E402
@@ -94,6 +100,7 @@ class PeakMemory(Callback):
         tracked = self.monitor.tracked
         tracked.at("warm-up").path_norm()
         gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the system, so the peak shows
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # resets VmHWM to the current resident set
         before = rss("VmRSS")
@@ -123,18 +130,39 @@ def child(task: str, mode: str, monitors: bool, out: Path, memory: bool) -> None
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs,
                          callbacks=callbacks, default_root_dir=str(out), logger=pl.loggers.TensorBoardLogger(str(out)),
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         max_steps=1 if memory else -1)
+                         max_steps=1 if memory else -1, profiler=SimpleProfiler() if monitors else None)
     start = time.perf_counter()
     trainer.fit(make_model(), make_data(batch))
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
-        (out / "seconds.json").write_text(json.dumps(seconds))
+        hooks = trainer.profiler.recorded_durations if monitors else {}
+        (out / "seconds.json").write_text(json.dumps({"fit": seconds, "hooks": monitor_costs(hooks)}))
+
+
+MONITORS = ("PathNormMonitor", "PathMetricDrift", "GeneralizationBoundMonitor")
+
+
+def monitor_costs(durations: dict[str, list[float]]) -> dict[str, float]:
+    """Seconds spent in the monitors' hooks in all, and the mean of each action that does work."""
+    def spent(monitor: str, hook: str = "") -> list[float]:
+        return [d for action, ds in durations.items() if action.startswith(f"[Callback]{monitor}")
+                and action.endswith(hook) for d in ds]
+
+    evaluations = [d for d in spent("PathNormMonitor", ".on_train_batch_end") if d > 1e-3]  # steps that computed
+    return {"total": sum(sum(spent(m)) for m in MONITORS),
+            "drift_per_save": statistics.mean(spent("PathMetricDrift", ".on_save_checkpoint") or [0.0]),
+            "bound_per_epoch": statistics.mean(spent("GeneralizationBoundMonitor", ".on_train_epoch_end") or [0.0]),
+            "norm_per_evaluation": statistics.mean(evaluations or [0.0]),
+            "setup": sum(sum(spent(m, hook)) for m in MONITORS for hook in (".setup", ".on_train_start"))}
 
 
 def run(task: str, mode: str, monitors: bool, memory: bool = False) -> Path:
     out = Path(tempfile.mkdtemp(prefix="pathmonitor-bench-"))
     command = [sys.executable, __file__, "--child", task, mode, str(int(monitors)), str(out)]
-    subprocess.run(command + (["--memory"] if memory else []), check=True, capture_output=True)
+    # glibc raises its mmap threshold after large frees and then keeps freed blocks resident, which
+    # would count memory released module by module as if it were held at once: fix the threshold
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if memory else None
+    subprocess.run(command + (["--memory"] if memory else []), check=True, capture_output=True, env=env)
     return out
 
 
@@ -149,18 +177,24 @@ def main() -> None:
         child(task, mode, bool(int(monitors)), Path(out), args.memory)
         return
     print(f"torch {torch.__version__}, pytorch_lightning {pl.__version__}, CPU, median of {args.repeats} runs each\n")
-    print("| task | strategy | fit without monitors | fit with the three monitors | ratio |")
-    print("|---|---|---|---|---|")
+    print("| task | strategy | fit without monitors | fit with the three monitors | ratio | time in the monitors' "
+          "hooks / fit | drift per save | bound per epoch | one path-norm | set-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for task in TASKS:
         for mode in ("single", "zero3"):
             run(task, mode, False)  # warm-up: caches, DeepSpeed's compiled op
-            times: dict[bool, list[float]] = {False: [], True: []}
+            records: dict[bool, list[dict]] = {False: [], True: []}
             for _ in range(args.repeats):
                 for monitors in (False, True):
-                    times[monitors].append(json.loads((run(task, mode, monitors) / "seconds.json").read_text()))
-            without, with_ = statistics.median(times[False]), statistics.median(times[True])
+                    records[monitors].append(json.loads((run(task, mode, monitors) / "seconds.json").read_text()))
+            without, with_ = (statistics.median(r["fit"] for r in records[m]) for m in (False, True))
+            hooks = {key: statistics.median(r["hooks"][key] for r in records[True])
+                     for key in records[True][0]["hooks"]}
+            share = statistics.median(r["hooks"]["total"] / r["fit"] for r in records[True])
             print(f"| {task} | {'1 process' if mode == 'single' else 'ZeRO-3, 2 processes'} | {without:.1f} s "
-                  f"| {with_:.1f} s | {with_ / without:.3f}x |", flush=True)
+                  f"| {with_:.1f} s | {with_ / without:.3f}x | {share:.3f} | {hooks['drift_per_save'] * 1e3:.0f} ms "
+                  f"| {hooks['bound_per_epoch'] * 1e3:.0f} ms | {hooks['norm_per_evaluation'] * 1e3:.0f} ms "
+                  f"| {hooks['setup'] * 1e3:.0f} ms |", flush=True)
     out = run("resnet18", "zero3", False, memory=True)
     print("\nOne path-norm evaluation of resnet18 (3x32x32) under ZeRO-3, per rank:\n")
     print("| rank | peak extra memory | largest module's parameters | ratio | whole model's parameters |")

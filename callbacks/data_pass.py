@@ -75,10 +75,11 @@ def training_set_statistics(trainer: "pl.Trainer", pl_module: "pl.LightningModul
     seen) and the largest ||x||_inf over one pass of the training dataloader."""
     loader = _single_loader(trainer.train_dataloader)
     if loader is None:
-        raise MonitorError("GeneralizationBoundMonitor found no training dataloader: pass n_samples= and input_bound=")
+        raise MonitorError("GeneralizationBoundMonitor found no training dataloader: pass n_samples= and "
+                           "input_bound=")
     seen, largest = 0, 0.0
-    bar = tqdm(_fresh(loader, trainer), desc="pathmonitor: n and max |x| of the training set", file=sys.stderr, leave=False,
-               disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
+    bar = tqdm(_fresh(loader, trainer), desc="pathmonitor: n and max |x| of the training set", file=sys.stderr,
+               leave=False, disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
     with torch.random.fork_rng(devices=[]):
         for batch in bar:
             x, _ = inputs_and_targets(batch)

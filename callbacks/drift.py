@@ -55,6 +55,11 @@ class PathMetricDrift(PathCallback):
         return self._generate_state_key(reference=self.reference, module=self.module, prefix=self.prefix)
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            self._check_companions(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _check_companions(self, trainer: "pl.Trainer") -> None:
         clashing = [c for c in trainer.callbacks if isinstance(c, PathMetricDrift) and c is not self
                     and c.prefix == self.prefix]
         if clashing:
@@ -67,7 +72,6 @@ class PathMetricDrift(PathCallback):
                                "save_weights_only=True): Lightning calls no callback when it saves weights only, so "
                                "the reference would never move. Save full checkpoints, or use reference='init' or "
                                "'epoch_start'")
-        super().setup(trainer, pl_module, stage)
 
     # -- when ----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -33,7 +33,8 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
         if get_accelerator().device_name() != "cpu":
             raise RuntimeError(f"CPUDeepSpeedStrategy needs DeepSpeed's CPU accelerator, but DeepSpeed chose "
-                               f"{get_accelerator().device_name()!r}: set DS_ACCELERATOR=cpu before importing deepspeed")
+                               f"{get_accelerator().device_name()!r}: set DS_ACCELERATOR=cpu before importing "
+                               f"deepspeed")
         DDPStrategy.setup_environment(self)  # the DDP parent's set-up, without DeepSpeed's CUDA-only check
 
     def setup_distributed(self) -> None:

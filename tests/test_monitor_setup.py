@@ -259,8 +259,8 @@ def test_a_real_tensorboard_server_serves_the_tags_and_the_bound_chart(tmp_path)
 
 
 def test_pathmonitor_fit_runs_the_demo_config(tmp_path):
-    command = [str(Path(sys.executable).parent / "pathmonitor"), "fit", "--config", str(REPO / "configs" / "digits.yaml"),
-               "--trainer.max_epochs", "1"]
+    command = [str(Path(sys.executable).parent / "pathmonitor"), "fit",
+               "--config", str(REPO / "configs" / "digits.yaml"), "--trainer.max_epochs", "1"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "pathnorm/l1" in done.stdout and "tensorboard --logdir runs" in done.stdout

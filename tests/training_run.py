@@ -111,8 +111,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and args.resume is None:
         torch.save(model.state_dict(), out / "init.pt")
-    monitors = [PathNormMonitor(q=(1, 2), every_n_steps=EVERY), PathMetricDrift(reference="init", every_n_steps=EVERY),
-                PathMetricDrift(reference="last_checkpoint", prefix="pathmetric_checkpoint"), GeneralizationBoundMonitor()]
+    monitors = [PathNormMonitor(q=(1, 2), every_n_steps=EVERY),
+                PathMetricDrift(reference="init", every_n_steps=EVERY),
+                PathMetricDrift(reference="last_checkpoint", prefix="pathmetric_checkpoint"),
+                GeneralizationBoundMonitor()]
     probe = ShardingProbe()
     extra = [StopAt(args.stop_at)] if args.stop_at else []
     trainer = pl.Trainer(
