@@ -82,6 +82,14 @@ class PathCallback(Callback):
             raise MonitorError(f"{type(self).__name__} cannot watch {where}: {UnsupportedModelError(report)} "
                                f"Every pathmonitor callback takes module='<name>' to watch a supported sub-module.")
         self._tracked = tracked(watched, shape, synchronized=trainer.world_size > 1)
+        # a new fit: step numbers start again (every callback's set-up precedes every evaluation)
+        self._tracked.fit += 1
+        self._tracked.input_bound = None  # until a GeneralizationBoundMonitor of this fit measures it
+        self.start_fit()
+
+    def start_fit(self) -> None:
+        """Forget the counters of an earlier fit (a resumed one gets them back from its checkpoint,
+        which Lightning loads after `setup`)."""
 
     def watched_module(self, pl_module: "pl.LightningModule") -> nn.Module:
         if self.module is None:

@@ -38,7 +38,7 @@ class GeneralizationBoundMonitor(PathCallback):
         if input_bound is not None:
             check_number("input_bound", input_bound, strict=False)
         self.given = (n_samples, None if input_bound is None else float(input_bound))
-        self.n_samples, self.input_bound = self.given  # the ones measured fill in at every fit
+        self.n_samples, self.input_bound = self.given  # what is not given is measured once per fit
         self.every_n_epochs = validated_every("every_n_epochs", every_n_epochs, allow_none=False)
         check_number("loss_lipschitz", loss_lipschitz)
         self.loss_lipschitz, self.sharpened = float(loss_lipschitz), bool(sharpened)
@@ -57,8 +57,12 @@ class GeneralizationBoundMonitor(PathCallback):
     def state_key(self) -> str:
         return self._generate_state_key(module=self.module, sharpened=self.sharpened)
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def start_fit(self) -> None:
+        self.last, self.last_epoch, self._validated_epoch = {}, -1, -1
         self.n_samples, self.input_bound = self.given
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # a resumed run has them from its checkpoint: a pass over augmented data would draw another B
         if self.n_samples is None or self.input_bound is None:
             n_samples, input_bound = training_set_statistics(trainer, pl_module)
             self.n_samples = self.n_samples or n_samples
@@ -87,17 +91,19 @@ class GeneralizationBoundMonitor(PathCallback):
     def _gap(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[float]:
         train_name, val_name = self.gap_metrics
         logged = trainer.callback_metrics
+        if self._validated_epoch != trainer.current_epoch:
+            # a logged validation value would be an earlier epoch's, and a measured gap would mix kinds
+            self.gap_source = f"none: no validation ran in epoch {trainer.current_epoch}"
+            return None
         # one decision for all ranks: measuring is collective, and a metric may be logged on rank 0 only
-        found = trainer.strategy.reduce_boolean_decision(train_name in logged and val_name in logged, all=True)
-        if found:
-            if self._validated_epoch != trainer.current_epoch:
-                self.gap_source = f"none: no validation ran in epoch {trainer.current_epoch}"
-                return None  # the logged validation value belongs to an earlier epoch
+        if trainer.strategy.reduce_boolean_decision(train_name in logged and val_name in logged, all=True):
             train, val = float(logged[train_name]), float(logged[val_name])
             self.gap_source = f"logged {train_name!r} and {val_name!r}"
             return val - train if self.gap_kind == "loss" else train - val
-        self.gap_source = f"accuracy measured on up to {self.gap_batches} batches"
-        return measure_accuracy_gap(trainer, pl_module, self.gap_batches)
+        gap = measure_accuracy_gap(trainer, pl_module, self.gap_batches)
+        measured = f"accuracy measured on up to {self.gap_batches} batches"
+        self.gap_source = measured if gap is not None else "none: could not be measured"
+        return gap
 
     def _register_layout(self, loggers: Iterable[Any]) -> None:
         others = []
@@ -111,7 +117,8 @@ class GeneralizationBoundMonitor(PathCallback):
                            f"of bound against gap (a TensorBoard custom-scalars layout)")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last": dict(self.last), "last_epoch": self.last_epoch}
+        return {"last": dict(self.last), "last_epoch": self.last_epoch, "n_samples": self.n_samples,
+                "input_bound": self.input_bound}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        restore(self, state_dict, ("last", "last_epoch"))
+        restore(self, state_dict, ("last", "last_epoch", "n_samples", "input_bound"))

@@ -1,19 +1,23 @@
 """Passes over the training and validation data: the training-set constants of the bound (n, B) and a
-measured accuracy gap. Every rank reads its own shard of the data; the results are reduced across
-ranks, so they are identical everywhere. The passes leave the training run as it was: they read the
-datasets through fresh, unshuffled loaders (the trainer's own loaders would draw from their random
-generators) with the global random state saved and restored."""
+measured accuracy gap. They read the trainer's own dataloaders (their samplers, batch sizes, workers
+and augmentations), each rank its own shard, and reduce the results across ranks, so they are
+identical everywhere. The random states those loaders draw from (torch's on the CPU and the current
+GPU, NumPy's, Python's, and the loaders' and samplers' own generators) are saved before and restored
+after, so the run then trains on the batches it would have seen without the monitor."""
 from __future__ import annotations
 
+import contextlib
+import random
 import sys
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
+from torch.utils.data import DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
@@ -51,15 +55,28 @@ def _single_loader(loaders: Any) -> Optional[Iterable]:
     return loaders
 
 
-def _fresh(loader: Any, trainer: "pl.Trainer") -> Iterable:
-    """The same samples in a fixed order, this rank's shard of them, without touching `loader`'s
-    sampler or generator; an iterable-style dataset is read through `loader` itself."""
-    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        return loader
-    sampler = (DistributedSampler(loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                  shuffle=False) if trainer.world_size > 1 else SequentialSampler(loader.dataset))
-    return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, sampler=sampler,
-                      collate_fn=loader.collate_fn)
+def _generators(loader: Any) -> list[torch.Generator]:
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    holders = (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None))
+    found = dict.fromkeys(getattr(holder, "generator", None) for holder in holders)
+    return [g for g in found if isinstance(g, torch.Generator)]
+
+
+@contextlib.contextmanager
+def preserved_random_state(loaders: Iterable[Any]) -> Iterator[None]:
+    """Every random state a pass over `loaders` may draw from, restored on exit."""
+    generators = [g for loader in loaders for g in _generators(loader)]
+    saved = [g.get_state() for g in generators]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for generator, state in zip(generators, saved):
+            generator.set_state(state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _reduced(value: float, op: "dist.ReduceOp", device: torch.device) -> float:
@@ -71,27 +88,31 @@ def _reduced(value: float, op: "dist.ReduceOp", device: torch.device) -> float:
 
 
 def training_set_statistics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[int, float]:
-    """(n, B): the number of training samples (len of the dataset when it has one, else the samples
-    seen) and the largest ||x||_inf over one pass of the training dataloader."""
+    """(n, B): the number of training samples one epoch goes through (over all ranks) and the largest
+    ||x||_inf over one pass of the training dataloader."""
     loader = _single_loader(trainer.train_dataloader)
     if loader is None:
         raise MonitorError("GeneralizationBoundMonitor found no training dataloader: pass n_samples= and "
                            "input_bound=")
     seen, largest = 0, 0.0
-    bar = tqdm(_fresh(loader, trainer), desc="pathmonitor: n and max |x| of the training set", file=sys.stderr,
+    bar = tqdm(loader, desc="pathmonitor: n and max |x| of the training set", file=sys.stderr,
                leave=False, disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
-    with torch.random.fork_rng(devices=[]):
+    with preserved_random_state([loader]):
         for batch in bar:
             x, _ = inputs_and_targets(batch)
             seen += x.shape[0]
             largest = max(largest, float(x.detach().abs().max())) if x.numel() else largest
     device = trainer.strategy.root_device
-    dataset = getattr(loader, "dataset", None)
-    try:
-        n_samples = len(dataset)  # type: ignore[arg-type]
-    except TypeError:  # iterable datasets: the samples every rank saw
-        n_samples = int(_reduced(float(seen), dist.ReduceOp.SUM, device))
+    n_samples = int(_reduced(float(seen), dist.ReduceOp.SUM, device)) - _padding(loader)
     return n_samples, _reduced(largest, dist.ReduceOp.MAX, device)
+
+
+def _padding(loader: Any) -> int:
+    """The samples a DistributedSampler repeats so that every rank gets as many."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        return sampler.total_size - len(sampler.dataset)
+    return 0
 
 
 def _accuracy(trainer: "pl.Trainer", pl_module: "pl.LightningModule", loader: Iterable,
@@ -122,9 +143,8 @@ def measure_accuracy_gap(trainer: "pl.Trainer", pl_module: "pl.LightningModule",
     val = _single_loader(trainer.val_dataloaders)
     accuracies = None
     if train is not None and val is not None:
-        with torch.no_grad(), eval_mode(pl_module), torch.random.fork_rng(devices=[]):
-            accuracies = tuple(_accuracy(trainer, pl_module, _fresh(loader, trainer), max_batches)
-                               for loader in (train, val))
+        with torch.no_grad(), eval_mode(pl_module), preserved_random_state([train, val]):
+            accuracies = tuple(_accuracy(trainer, pl_module, loader, max_batches) for loader in (train, val))
     if accuracies is None or None in accuracies:
         rank_zero_warn("GeneralizationBoundMonitor: no gap logged. Log the metrics named in gap_metrics, or give "
                        "(input, target) batches of a classifier and a validation dataloader so that it can measure "

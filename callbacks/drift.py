@@ -73,10 +73,14 @@ class PathMetricDrift(PathCallback):
                                "the reference would never move. Save full checkpoints, or use reference='init' or "
                                "'epoch_start'")
 
+    def start_fit(self) -> None:
+        self.last, self.last_step, self.reference_epoch = {}, -1, -1
+        self._reference, self._saved_at = None, None
+
     # -- when ----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # "last_checkpoint": the weights training starts from (a resumed run: the checkpoint's own)
-        if self.reference == "last_checkpoint" or self._reference is None:
+        if self._reference is None or self.reference == "last_checkpoint":
             if self._reference is None and trainer.ckpt_path and self.reference != "last_checkpoint":
                 rank_zero_warn(f"PathMetricDrift(reference={self.reference!r}): the checkpoint resumed from holds no "
                                f"reference copy for {self.state_key}; drift is measured from the resumed weights")

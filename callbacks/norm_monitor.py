@@ -35,6 +35,9 @@ class PathNormMonitor(PathCallback):
     def state_key(self) -> str:
         return self._generate_state_key(q=self.q, log_on=self.log_on, module=self.module)
 
+    def start_fit(self) -> None:
+        self.last, self.last_step = {}, -1
+
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
         if self.log_on == "step" and is_due(trainer.global_step, self.every_n_steps, self.last_step):
             self._log(trainer)

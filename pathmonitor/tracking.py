@@ -2,10 +2,12 @@
 
 A `TrackedModel` holds the model, its input shape and the parameter source that reads it (gathering
 under sharding, rank 0's running statistics under DDP and DeepSpeed). Values are cached per moment:
-a token from the caller (the training step) together with the version counters of every parameter,
-shard and buffer, which any in-place change bumps (an optimizer step, a batch-norm update, pruning,
-`load_state_dict`). So several monitors asking for the L1 path-norm at one step cost one evaluation,
-and a change of the weights between them is never missed. `tracked(model, shape)` returns
+a token from the caller (the fit and the training step) together with the version counters of every
+parameter, shard and buffer, which in-place changes through autograd-visible tensors bump (an optimizer
+step on plain parameters, a batch-norm update, pruning, `load_state_dict`). So several monitors asking
+for the L1 path-norm at one step cost one evaluation, and such a change between them is not missed.
+Writes through `.data` and DeepSpeed's own updates of its partitions bump no counter: between two
+monitors at one step, those go unseen. `tracked(model, shape)` returns
 the one instance per (model, input shape), so monitors also share the captured graph.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ class TrackedModel:
         self._values: dict[Hashable, object] = {}
         self._constants: tuple[PathGraph, dict[str, int]] | None = None
         self.input_bound: float | None = None  # max ||x||_inf over the training inputs, once measured
+        self.fit = 0  # counts the fits that use this model: step numbers start again in each
 
     @property
     def graph(self) -> PathGraph:
@@ -52,7 +55,7 @@ class TrackedModel:
 
     def at(self, moment: Hashable) -> "TrackedModel":
         """Values computed at another moment, or on other weights, are forgotten."""
-        moment = (moment, weights_version(self.model))
+        moment = (moment, self.fit, weights_version(self.model))
         if moment != self._moment:
             self._moment, self._values = moment, {}
         return self
@@ -88,17 +91,15 @@ class TrackedModel:
         return ShardedSnapshot.take(modules, self.source, sharded=is_sharded(self.model))
 
 
-def weights_version(model: nn.Module) -> int:
-    """The sum of the version counters of every parameter (and its ZeRO-3 partition or DTensor shard)
-    and buffer: it grows with every in-place change of any of them."""
-    version = sum(b._version for b in model.buffers())
+def weights_version(model: nn.Module) -> tuple[int, ...]:
+    """The version counters of every parameter (and its ZeRO-3 partition or DTensor shard) and buffer."""
+    versions = [b._version for b in model.buffers()]
     for p in model.parameters():
-        version += p._version
-        shard = getattr(p, "ds_tensor", None)  # ZeRO-3: the optimizer writes the partition
+        shard = getattr(p, "ds_tensor", None)
         if shard is None and is_dtensor(p):
             shard = p._local_tensor
-        version += 0 if shard is None else shard._version
-    return version
+        versions += [p._version, -1 if shard is None else shard._version]
+    return tuple(versions)
 
 
 _TRACKED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, TrackedModel]]" = weakref.WeakKeyDictionary()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -12,11 +13,13 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
+from torch.utils.data import DataLoader, SubsetRandomSampler
 
 import pathmonitor.tracking
 from pathmonitor.callbacks import GeneralizationBoundMonitor, MonitorError, PathMetricDrift, PathNormMonitor
@@ -107,13 +110,13 @@ def test_csv_logger_gets_the_scalars_and_one_warning(tmp_path):
     callbacks = [PathNormMonitor(every_n_steps=2), GeneralizationBoundMonitor(gap_metrics=("nope", "nada"))]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(tmp_path, callbacks, logger=logger, max_steps=8).fit(DigitsNet(width=4), data())
+        trainer(tmp_path, callbacks, logger=logger, max_steps=10).fit(DigitsNet(width=4), data())  # 2 epochs
     layout_warnings = [w for w in caught if "custom-scalars" in str(w.message)]
     assert len(layout_warnings) == 1
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     norms = {int(row["step"]): float(row["pathnorm/l1"]) for row in rows if row.get("pathnorm/l1")}
-    assert sorted(norms) == [2, 4, 6, 8]
+    assert sorted(norms) == [2, 4, 6, 8, 10]
     assert any(row.get("bound/value") for row in rows)
     # the gap metrics named are not logged, so the callback measured the accuracy gap itself
     assert "measured" in callbacks[1].gap_source and "bound/gap" in callbacks[1].last
@@ -192,6 +195,51 @@ def test_measured_gap_is_the_plain_accuracy_gap_and_leaves_training_as_it_was(tm
                     for d in (data_module.train_set, data_module.val_set)]
     assert bound.last["bound/gap"] == pytest.approx(accuracy[0] - accuracy[1], abs=1e-6)
     assert (bound.n_samples, bound.input_bound) == (160, 1.0)
+
+
+class NoisyDigits(torch.utils.data.Dataset):
+    """Digits with NumPy noise drawn in __getitem__, like an augmentation."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        x, y = self.base[index]
+        return x + float(np.random.rand()) * 0.01, y
+
+
+def test_the_passes_over_the_data_use_the_training_sampler_and_no_randomness(tmp_path):
+    digits = DigitsData(limit=200)
+    digits.setup("fit")
+
+    def fit(callbacks):
+        torch.manual_seed(0), np.random.seed(0), random.seed(0)
+        model = DigitsNet(width=4)
+        train = DataLoader(NoisyDigits(digits.train_set), batch_size=16,
+                           sampler=SubsetRandomSampler(range(100), generator=torch.Generator().manual_seed(1)))
+        trainer(tmp_path, callbacks, max_steps=7).fit(model, train, DataLoader(digits.val_set, batch_size=16))
+        return model
+
+    bound = GeneralizationBoundMonitor(gap_metrics=("absent_train", "absent_val"))
+    watched, plain = fit([bound]), fit([])
+    for a, b in zip(watched.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+    assert bound.n_samples == 100  # what the sampler yields in an epoch, not the dataset's 160
+
+
+def test_callbacks_reused_for_a_second_fit_log_it(tmp_path):
+    model, callbacks = DigitsNet(width=4), [PathNormMonitor(log_on="epoch"), PathMetricDrift(every_n_steps=2),
+                                            GeneralizationBoundMonitor()]
+    trainer(tmp_path, callbacks, max_steps=5).fit(model, data())
+    first = [dict(c.last) for c in callbacks]
+    trainer(tmp_path, callbacks, max_steps=5).fit(model, data())
+    with torch.no_grad():
+        norm = float(pathmonitor.path_norm(model, (1, 8, 8)))
+    assert callbacks[0].last["pathnorm/l1"] == pytest.approx(norm, rel=1e-12)
+    assert all(c.last and c.last != f for c, f in zip(callbacks, first))
 
 
 def test_measured_gap_runs_under_bf16_precision(tmp_path):
