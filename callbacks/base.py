@@ -36,17 +36,8 @@ def exponent_tag(q: float) -> str:
     return str(int(q)) if float(q).is_integer() else f"{q:g}"
 
 
-def validated_every(name: str, value: Optional[int], *, allow_none: bool) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
-    return value
-
-
 def moment(trainer: "pl.Trainer") -> Hashable:
-    """The training step; `TrackedModel.at` adds the weights' version counters to it, which any
-    change of a parameter or a batch-norm statistic bumps."""
+    """The training step and batch; `TrackedModel.at` adds the fit and the weights' version counters."""
     return trainer.global_step, trainer.fit_loop.epoch_loop.total_batch_idx
 
 

@@ -9,7 +9,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from pathmonitor.bounds import check_number
 
-from .base import PathCallback, log10, log_values, restore, validated_every
+from .base import PathCallback, log10, log_values, restore
 from .data_pass import measure_accuracy_gap, training_set_statistics
 
 LAYOUT = {"pathmonitor": {"generalization bound vs measured gap": ["Multiline", ["bound/value", "bound/gap"]]}}
@@ -34,12 +34,14 @@ class GeneralizationBoundMonitor(PathCallback):
                  gap_kind: Literal["loss", "accuracy"] = "loss", gap_batches: int = 20,
                  module: Optional[str] = None, input_shape: Optional[Sequence[int]] = None):
         super().__init__(module, input_shape)
-        validated_every("n_samples", n_samples, allow_none=True)
+        if n_samples is not None:
+            check_number("n_samples", n_samples, integer=True)
         if input_bound is not None:
             check_number("input_bound", input_bound, strict=False)
         self.given = (n_samples, None if input_bound is None else float(input_bound))
         self.n_samples, self.input_bound = self.given  # what is not given is measured once per fit
-        self.every_n_epochs = validated_every("every_n_epochs", every_n_epochs, allow_none=False)
+        check_number("every_n_epochs", every_n_epochs, integer=True)
+        self.every_n_epochs = every_n_epochs
         check_number("loss_lipschitz", loss_lipschitz)
         self.loss_lipschitz, self.sharpened = float(loss_lipschitz), bool(sharpened)
         if isinstance(gap_metrics, str) or len(gap_metrics) != 2 or not all(isinstance(n, str) for n in gap_metrics):
@@ -47,7 +49,8 @@ class GeneralizationBoundMonitor(PathCallback):
         if gap_kind not in ("loss", "accuracy"):
             raise ValueError(f"gap_kind must be 'loss' or 'accuracy', got {gap_kind!r}")
         self.gap_metrics, self.gap_kind = tuple(gap_metrics), gap_kind
-        self.gap_batches = validated_every("gap_batches", gap_batches, allow_none=False)
+        check_number("gap_batches", gap_batches, integer=True)
+        self.gap_batches = gap_batches
         self.last: dict[str, float] = {}
         self.last_epoch = -1
         self.gap_source = ""

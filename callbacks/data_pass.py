@@ -21,6 +21,7 @@ from torch.utils.data import DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
+from pathmonitor.distributed import world
 from pathmonitor.graph import eval_mode
 
 from .base import MonitorError
@@ -80,7 +81,7 @@ def preserved_random_state(loaders: Iterable[Any]) -> Iterator[None]:
 
 
 def _reduced(value: float, op: "dist.ReduceOp", device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world()[1] == 1:
         return value
     t = torch.tensor(value, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op)

@@ -7,10 +7,11 @@ from typing import Any, Hashable, Literal, Optional, Sequence
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
+from pathmonitor.bounds import check_number
 from pathmonitor.distributed import ShardedSnapshot
 from pathmonitor.metrics import certified_change, check_input_inf_norm
 
-from .base import MonitorError, PathCallback, is_due, log_values, moment, restore, validated_every
+from .base import MonitorError, PathCallback, is_due, log_values, moment, restore
 
 Reference = Literal["last_checkpoint", "init", "epoch_start"]
 
@@ -41,7 +42,9 @@ class PathMetricDrift(PathCallback):
         if input_bound is not None:
             check_input_inf_norm(input_bound)
         self.reference = reference
-        self.every_n_steps = validated_every("every_n_steps", every_n_steps, allow_none=True)
+        if every_n_steps is not None:
+            check_number("every_n_steps", every_n_steps, integer=True)
+        self.every_n_steps = every_n_steps
         self.input_bound = input_bound
         self.last: dict[str, float] = {}
         self.last_step = -1

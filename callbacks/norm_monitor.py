@@ -5,9 +5,10 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 
+from pathmonitor.bounds import check_number
 from pathmonitor.norms import validated_q
 
-from .base import PathCallback, exponent_tag, is_due, log10, log_values, restore, validated_every
+from .base import PathCallback, exponent_tag, is_due, log10, log_values, restore
 
 
 class PathNormMonitor(PathCallback):
@@ -24,7 +25,8 @@ class PathNormMonitor(PathCallback):
         if not exponents:
             raise ValueError("q must name at least one exponent, e.g. q=(1, 2)")
         self.q = tuple(dict.fromkeys(validated_q(e) for e in exponents))
-        self.every_n_steps = validated_every("every_n_steps", every_n_steps, allow_none=False)
+        check_number("every_n_steps", every_n_steps, integer=True)
+        self.every_n_steps = every_n_steps
         if log_on not in ("step", "epoch"):
             raise ValueError(f"log_on must be 'step' or 'epoch', got {log_on!r}")
         self.log_on = log_on

@@ -34,9 +34,14 @@ def is_zero3_parameter(t: Tensor) -> bool:
     return hasattr(t, "ds_id")
 
 
+def has_class_named(obj: object, name: str) -> bool:
+    """Whether `obj` is an instance of a class called `name`: a test that imports nothing."""
+    return any(cls.__name__ == name for cls in type(obj).__mro__)
+
+
 def is_dtensor(t: Tensor) -> bool:
-    """Whether `t` is a DTensor (FSDP2 / tensor parallel); checked without importing what is not loaded."""
-    return any(cls.__name__ == "DTensor" for cls in type(t).__mro__)
+    """Whether `t` is a DTensor (FSDP2 / tensor parallel)."""
+    return has_class_named(t, "DTensor")
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .distributed import has_class_named
 from .engine import Scaled, evaluate, is_precise, log_of
 from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import PathGraph, capture, check_graph
@@ -41,16 +42,13 @@ def unwrapped(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_deepspeed_engine(model):
+        wrapper = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+        if wrapper or has_class_named(model, "DeepSpeedEngine"):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
             model = model._orig_mod
         else:
             return model
-
-
-def _is_deepspeed_engine(model: nn.Module) -> bool:
-    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
 
 
 def sum_of_powers(model: nn.Module, input_shape: Sequence[int], q: float, *, log_scaled: bool) -> Scaled:

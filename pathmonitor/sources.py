@@ -124,7 +124,7 @@ class TransformedSource:
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
         with self.source.tensors(name, module) as tensors:
-            yield {key: t if t is None or key.startswith("running_") else self.transform(t, module)
+            yield {key: t if t is None or is_buffer_key(key) else self.transform(t, module)
                    for key, t in tensors.items()}
 
 

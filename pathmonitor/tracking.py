@@ -7,8 +7,8 @@ parameter, shard and buffer, which in-place changes through autograd-visible ten
 step on plain parameters, a batch-norm update, pruning, `load_state_dict`). So several monitors asking
 for the L1 path-norm at one step cost one evaluation, and such a change between them is not missed.
 Writes through `.data` and DeepSpeed's own updates of its partitions bump no counter: between two
-monitors at one step, those go unseen. `tracked(model, shape)` returns
-the one instance per (model, input shape), so monitors also share the captured graph.
+monitors at one step, those go unseen. `tracked(model, shape)` returns the one instance per (model,
+input shape), so monitors also share the captured graph.
 """
 from __future__ import annotations
 
