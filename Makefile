@@ -25,6 +25,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/path_norm_speed.py
 	$(PY) benchmarks/quantities_speed.py --models resnet18 resnet50
 	$(PY) benchmarks/monitor_overhead.py
+	$(PY) benchmarks/regularizer_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

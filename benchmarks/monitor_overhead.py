@@ -31,60 +31,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 from pytorch_lightning.profilers import SimpleProfiler  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from common import rss  # noqa: E402
+from tasks import TASKS, zero3_strategy  # noqa: E402
 from pathmonitor.callbacks import GeneralizationBoundMonitor, PathMetricDrift, PathNormMonitor  # noqa: E402
-from pathmonitor.callbacks.digits import DigitsData, DigitsNet  # noqa: E402
-
-
-class Resnet18(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        import torchvision
-
-        self.net = torchvision.models.resnet18(num_classes=10)
-        self.example_input_array = torch.zeros(1, 3, 32, 32)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def _step(self, batch, stage):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._step(batch, "val")
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-class RandomImages(pl.LightningDataModule):
-    def __init__(self, batch_size: int):
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        x, y = torch.randn(576, 3, 32, 32, generator=generator), torch.randint(0, 10, (576,), generator=generator)
-        self.train_set, self.val_set = TensorDataset(x[:512], y[:512]), TensorDataset(x[512:], y[512:])
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size)
-
-
-TASKS = {"digits": (lambda: DigitsNet(), lambda b: DigitsData(batch_size=b), 64, 5),
-         "resnet18": (Resnet18, RandomImages, 32, 4)}
 
 
 class PeakMemory(Callback):
@@ -119,14 +71,7 @@ def child(task: str, mode: str, monitors: bool, out: Path, memory: bool) -> None
     callbacks = [PathNormMonitor(), PathMetricDrift(), GeneralizationBoundMonitor()] if monitors else []
     if memory:
         callbacks.append(PeakMemory(out))
-    if mode == "zero3":
-        from pathmonitor.strategies import CPUDeepSpeedStrategy
-
-        config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                  "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": batch // 2}
-        strategy, devices, batch = CPUDeepSpeedStrategy(config=config, logging_level=40), 2, batch // 2
-    else:
-        strategy, devices = "auto", 1
+    strategy, devices, batch = zero3_strategy(batch) if mode == "zero3" else ("auto", 1, batch)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs,
                          callbacks=callbacks, default_root_dir=str(out), logger=pl.loggers.TensorBoardLogger(str(out)),
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

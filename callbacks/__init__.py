@@ -6,5 +6,6 @@ from .base import MonitorError
 from .bound_monitor import GeneralizationBoundMonitor
 from .drift import PathMetricDrift
 from .norm_monitor import PathNormMonitor
+from .regularizer import PathNormRegularizer
 
-__all__ = ["GeneralizationBoundMonitor", "MonitorError", "PathMetricDrift", "PathNormMonitor"]
+__all__ = ["GeneralizationBoundMonitor", "MonitorError", "PathMetricDrift", "PathNormMonitor", "PathNormRegularizer"]

@@ -4,6 +4,7 @@ from .errors import (ParameterMismatchError, PathComputationError, SupportReport
                      UnsupportedNode)
 from .metrics import PathMetric, function_distance_bound, path_metric, quantization_bound
 from .norms import PathNormOverflowWarning, check_support, log_path_norm, path_norm
+from .penalty import path_norm_penalty
 from .rescale import random_rescale
 from .scores import path_magnitude_scores
 
@@ -23,6 +24,7 @@ __all__ = [
     "path_magnitude_scores",
     "path_metric",
     "path_norm",
+    "path_norm_penalty",
     "quantization_bound",
     "random_rescale",
 ]

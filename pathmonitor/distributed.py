@@ -58,8 +58,9 @@ def world() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def gathered(module: nn.Module) -> Iterator[None]:
-    """The module's own ZeRO-3 parameters hold their full data for the duration (a collective)."""
-    partitioned = [p for p in module.parameters(recurse=False) if is_zero3_parameter(p)]
+    """The module's ZeRO-3 parameters hold their full data for the duration (a collective). Those of its
+    children too: an affine module's only children are parametrizations, whose `original` it reads."""
+    partitioned = [p for p in module.parameters() if is_zero3_parameter(p)]
     if not partitioned:
         yield
         return

@@ -13,7 +13,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -33,11 +33,11 @@ class Scaled:
     log_scale: float = 0.0
 
 
-def _map_tensors(value: Any, fn) -> Any:
+def map_tensors(value: Any, fn) -> Any:
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     return value
 
 
@@ -65,25 +65,51 @@ class Interpreter:
         self.q = q
         self.log_scaled = log_scaled
         self.device = device
+        self._smallest_peak: Optional[Tensor] = None  # plain mode: the least positive max of any activation
 
     def run(self) -> Scaled:
         """The sum of all outputs of the |theta|^q network, as Scaled(0-dim tensor, log_scale)."""
+        return self.values(keep=False)[-1]
+
+    def values(self, keep: bool) -> list[Any]:
+        """The value of every op (the last one is the total); with `keep=False` each is dropped after
+        its last use, so only the total is left."""
         values: list[Any] = [None] * len(self.graph.ops)
         for i, op in enumerate(self.graph.ops):
-            try:
-                values[i] = self._evaluate(op, values)
-            except (PathComputationError, ParameterMismatchError):
-                raise
-            except Exception as error:
-                raise PathComputationError(
-                    f"evaluating {op.label} for input_shape {self.graph.input_shape} failed: "
-                    f"{type(error).__name__}: {error}") from error
-            for released in op.release:
-                values[released] = None
-        return values[-1]
+            values[i] = self.evaluate_op(op, values)
+            if not self.log_scaled and isinstance(values[i], Scaled):
+                map_tensors(values[i].value, self._watch)
+            if not keep:
+                for released in op.release:
+                    values[released] = None
+        return values
+
+    def _watch(self, t: Tensor) -> Tensor:
+        """Keep the least positive maximum of the activations (on the device: read once, at the end)."""
+        if t.numel():
+            peak = t.detach().max()
+            peak = torch.where(peak > 0, peak, math.inf)
+            self._smallest_peak = peak if self._smallest_peak is None else torch.minimum(self._smallest_peak, peak)
+        return t
+
+    def stayed_in_range(self) -> bool:
+        """Whether no activation of a plain pass sank towards subnormals (where float64 loses relative
+        precision, and a gradient through it may overflow) even when the total looks fine."""
+        return self._smallest_peak is None or float(self._smallest_peak) > PRECISE_MINIMUM
+
+    def evaluate_op(self, op: PathOp, values: Sequence[Any]) -> Any:
+        """The value of `op` from the values of the ops it reads, failures named after the op."""
+        try:
+            return self._evaluate(op, values)
+        except (PathComputationError, ParameterMismatchError):
+            raise
+        except Exception as error:
+            raise PathComputationError(
+                f"evaluating {op.label} for input_shape {self.graph.input_shape} failed: "
+                f"{type(error).__name__}: {error}") from error
 
     # -- argument resolution ---------------------------------------------------------------
-    def _resolve(self, op: PathOp, values: list[Any]) -> tuple[tuple, dict, float]:
+    def _resolve(self, op: PathOp, values: Sequence[Any]) -> tuple[tuple, dict, float]:
         """Arguments with activations brought to one common log-scale, and that scale."""
         common = max((values[ref.index].log_scale for ref in op.refs() if isinstance(values[ref.index], Scaled)),
                      default=0.0)
@@ -97,13 +123,13 @@ class Interpreter:
             if held.log_scale == common:
                 return held.value
             factor = math.exp(held.log_scale - common)
-            return _map_tensors(held.value, lambda t: t * factor)
+            return map_tensors(held.value, lambda t: t * factor)
 
         args, kwargs = fx.node.map_aggregate((op.args, op.kwargs), value_of)
         return args, kwargs, common
 
     # -- evaluation per kind -------------------------------------------------------------------
-    def _evaluate(self, op: PathOp, values: list[Any]) -> Any:
+    def _evaluate(self, op: PathOp, values: Sequence[Any]) -> Any:
         kind = op.kind
         if kind is OpKind.INPUT:
             return Scaled(torch.ones((1,) + self.graph.input_shape, dtype=torch.float64, device=self.device))
@@ -152,11 +178,11 @@ class Interpreter:
                 out = out + bias_view(module, _times_exp(bias, terms[1], -new_scale), z.dim())
             return Scaled(out, new_scale)
 
-    def _total(self, op: PathOp, values: list[Any]) -> Scaled:
+    def _total(self, op: PathOp, values: Sequence[Any]) -> Scaled:
         leaves = [values[ref.index] for ref in op.refs() if isinstance(values[ref.index], Scaled)]
         sums: list[tuple[Tensor, float]] = []
         for leaf in leaves:
-            _map_tensors(leaf.value, lambda t: sums.append((t.sum(), leaf.log_scale)))
+            map_tensors(leaf.value, lambda t: sums.append((t.sum(), leaf.log_scale)))
         if not sums:
             return Scaled(torch.zeros((), dtype=torch.float64, device=self.device))
         common = max(scale for _, scale in sums)
@@ -190,15 +216,25 @@ def log_of(total: Scaled, q: float) -> Tensor:
     return log
 
 
+def exact_values(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float, *, keep: bool,
+                 device: Optional[torch.device] = None) -> tuple[Interpreter, list[Any]]:
+    """The interpreter and the values of a pass whose total is exact: a plain float64 pass, repeated
+    with running log-scales when anything in it over- or underflows (both exact, the plain one cheaper)."""
+    device = model_device(model) if device is None else device
+    interpreter = Interpreter(graph, model, magnitudes, q, False, device)
+    values = interpreter.values(keep)
+    if not (is_precise(values[-1].value) and interpreter.stayed_in_range()):
+        interpreter = Interpreter(graph, model, magnitudes, q, True, device)
+        values = interpreter.values(keep)
+    return interpreter, values
+
+
 def log_total(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float,
               device: Optional[torch.device] = None) -> Tensor:
     """log of the sum of all outputs of the |theta|^q network, as a 0-dim tensor (differentiable when
-    autograd is on). A plain float64 pass, repeated with running log-scales only when it over- or
-    underflows: both are exact, the plain one is cheaper."""
-    total = evaluate(graph, model, magnitudes, q, log_scaled=False, device=device).value
-    if is_precise(total):
-        return torch.log(total)
-    return log_of(evaluate(graph, model, magnitudes, q, log_scaled=True, device=device), q)
+    autograd is on)."""
+    _, values = exact_values(graph, model, magnitudes, q, keep=False, device=device)
+    return log_of(values[-1], q)
 
 
 def model_device(model: nn.Module) -> torch.device:

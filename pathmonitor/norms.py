@@ -9,10 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import has_class_named
-from .engine import Scaled, evaluate, is_precise, log_of
+from .engine import Scaled, evaluate, exact_values, is_precise, log_of
 from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import PathGraph, capture, check_graph
-from .logmath import exceeds_float64, exp_or_inf
 from .sources import MetaSource, ModuleSource, ParameterEdges, ParameterSource, PowerMagnitudes
 
 
@@ -51,16 +50,28 @@ def unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
-def sum_of_powers(model: nn.Module, input_shape: Sequence[int], q: float, *, log_scaled: bool) -> Scaled:
-    """sum_p |Phi_p(theta)|^q, as Scaled(value, log_scale)."""
-    model, shape, q = unwrapped(model), validated_input_shape(input_shape), validated_q(q)
-    graph = capture(model, shape)
-    return evaluate(graph, model, PowerMagnitudes(ParameterEdges(ModuleSource(model)), q), q, log_scaled=log_scaled)
+def sum_of_powers(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float) -> Scaled:
+    """sum_p |Phi_p(theta)|^q, exactly, as Scaled(value, log_scale) (MATH.md §2): a plain float64 pass,
+    repeated with running log-scales when anything in it over- or underflows."""
+    _, values = exact_values(graph, model, PowerMagnitudes(ParameterEdges(source), q), q, keep=False)
+    return values[-1]
+
+
+def norm_of(total: Scaled, q: float) -> Tensor:
+    """||Phi||_q = total^(1/q) from the exact sum of powers: inf beyond float64, and 0 with a zero
+    gradient (a subgradient: no path carries weight) when the sum is 0."""
+    if float(total.value.detach()) == 0:
+        return total.value * 0.0
+    if total.log_scale == 0 and is_precise(total.value):
+        return total.value if q == 1 else total.value ** (1.0 / q)
+    return torch.exp(log_of(total, q) / q)
 
 
 def log_path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> Tensor:
     """log ||Phi(theta)||_q, computed with running log-scales so that it never overflows (MATH.md §2)."""
-    return log_of(sum_of_powers(model, input_shape, q, log_scaled=True), q) / q
+    model, shape, q = unwrapped(model), validated_input_shape(input_shape), validated_q(q)
+    magnitudes = PowerMagnitudes(ParameterEdges(ModuleSource(model)), q)
+    return log_of(evaluate(capture(model, shape), model, magnitudes, q, log_scaled=True), q) / q
 
 
 def path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> Tensor:
@@ -69,31 +80,28 @@ def path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> T
     A 0-dim float64 tensor, differentiable with respect to the model's parameters when autograd is on.
     Batch-norm layers always use their running statistics. Returns inf, with a warning, only when the
     true value exceeds float64; `log_path_norm` gives its exact logarithm. A plain float64 pass, repeated
-    with running log-scales when it over- or underflows.
+    with running log-scales when anything in it over- or underflows.
     """
-    total = sum_of_powers(model, input_shape, q, log_scaled=False).value
-    if is_precise(total):
-        return total if q == 1 else total ** (1.0 / q)
-    log_norm = log_path_norm(model, input_shape, q)
-    if exceeds_float64(float(log_norm.detach())):
-        warnings.warn(f"the L{q:g} path-norm is exp({float(log_norm.detach()):.6g}), beyond float64; returning inf. "
+    model, shape, q = unwrapped(model), validated_input_shape(input_shape), validated_q(q)
+    total = sum_of_powers(capture(model, shape), model, ModuleSource(model), q)
+    norm = norm_of(total, q)
+    if math.isinf(float(norm.detach())):
+        log_norm = float(log_of(total, q).detach()) / q
+        warnings.warn(f"the L{q:g} path-norm is exp({log_norm:.6g}), beyond float64; returning inf. "
                       f"Use pathmonitor.log_path_norm for its exact logarithm.", PathNormOverflowWarning, stacklevel=2)
-    return torch.exp(log_norm)
+    return norm
 
 
 def norm_and_log(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float) -> tuple[float, float]:
     """(||Phi(theta)||_q, log ||Phi(theta)||_q) as floats, theta read from `source` (MATH.md §2), no autograd.
 
-    The value is computed as `path_norm` computes it (a plain float64 pass, log-scaled only when that
-    over- or underflows), so both agree to the last bit on the same weights."""
-    magnitudes = PowerMagnitudes(ParameterEdges(source), q)
+    The value is computed as `path_norm` computes it, so both agree to the last bit on the same weights."""
     with torch.no_grad():
-        total = evaluate(graph, model, magnitudes, q, log_scaled=False).value
-        if is_precise(total):
-            value = float(total if q == 1 else total ** (1.0 / q))
+        total = sum_of_powers(graph, model, source, q)
+        value = float(norm_of(total, q))
+        if total.log_scale == 0 and is_precise(total.value):
             return value, math.log(value)
-        log_value = float(log_of(evaluate(graph, model, magnitudes, q, log_scaled=True), q)) / q
-    return exp_or_inf(log_value), log_value
+        return value, float(log_of(total, q)) / q
 
 
 def check_support(model: nn.Module, input_shape: Sequence[int]) -> SupportReport:

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Mapping, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .distributed import from_rank_zero, full, gathered, is_buffer_key, is_sharded, world
 from .errors import ParameterMismatchError
@@ -62,12 +64,18 @@ class ModuleSource:
 
 
 def _effective(module: nn.Module, key: str) -> Optional[Tensor]:
-    """The tensor the module's forward would use now. torch.nn.utils.prune keeps `weight_orig` and
-    `weight_mask` and refreshes `weight` only in a forward pre-hook, so it may be one step stale;
-    parametrizations compute it on access."""
+    """The tensor the module's forward would use now. torch.nn.utils.prune and the older
+    `torch.nn.utils.weight_norm` / `spectral_norm` refresh `weight` only in a forward pre-hook, so the
+    attribute may be one step stale (and its autograd graph already freed): it is computed here from the
+    parameters instead. Parametrizations compute it on access."""
     original, mask = getattr(module, f"{key}_orig", None), getattr(module, f"{key}_mask", None)
     if isinstance(original, Tensor) and isinstance(mask, Tensor):
         return original * mask
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, SpectralNorm) and hook.name == key:
+            return hook.compute_weight(module, do_power_iteration=False)  # the power iteration belongs to forward
+        if isinstance(hook, WeightNorm) and hook.name == key:
+            return hook.compute_weight(module)
     return getattr(module, key, None)
 
 

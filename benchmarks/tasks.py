@@ -1,0 +1,65 @@
+"""The training tasks the overhead benchmarks time: the digits demo and a torchvision resnet18 at 3x32x32
+on random data, each with its batch size and number of epochs."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from pathmonitor.callbacks.digits import DigitsData, DigitsNet
+
+
+class Resnet18(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        self.net = torchvision.models.resnet18(num_classes=10)
+        self.example_input_array = torch.zeros(1, 3, 32, 32)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _step(self, batch, stage):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class RandomImages(pl.LightningDataModule):
+    def __init__(self, batch_size: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        x, y = torch.randn(576, 3, 32, 32, generator=generator), torch.randint(0, 10, (576,), generator=generator)
+        self.train_set, self.val_set = TensorDataset(x[:512], y[:512]), TensorDataset(x[512:], y[512:])
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+TASKS = {"digits": (lambda: DigitsNet(), lambda b: DigitsData(batch_size=b), 64, 5),
+         "resnet18": (Resnet18, RandomImages, 32, 4)}
+
+
+def zero3_strategy(batch: int):
+    """(strategy, devices, per-rank batch) for ZeRO-3 on 2 CPU processes, every parameter sharded."""
+    from pathmonitor.strategies import CPUDeepSpeedStrategy
+
+    config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": batch // 2}
+    return CPUDeepSpeedStrategy(config=config, logging_level=40), 2, batch // 2

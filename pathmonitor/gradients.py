@@ -1,0 +1,51 @@
+"""Where a gradient must be added so that the next optimizer step uses it (DESIGN.md layer 4).
+
+- plain parameters (one process, DDP after its all-reduce): `p.grad`;
+- FSDP2: `p.grad` is a DTensor sharded like `p`, and so is the gradient handed in;
+- DeepSpeed (ZeRO-1/2/3): the gradients live in the optimizer's fp32 partitions, reached through
+  `deepspeed.utils.safe_get_full_grad` / `safe_set_full_grad` (a collective). They hold the gradient
+  times the fp16 loss scale until the step, so an added gradient is multiplied by that scale too.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from .distributed import has_class_named, world
+
+GradientAdder = Callable[[str, nn.Parameter, Tensor], None]
+
+
+def gradient_adder(trained: nn.Module, factor: float) -> GradientAdder:
+    """A function add(name, parameter, gradient) that adds `factor * gradient` to the gradient of
+    `parameter` the next optimizer step of `trained` (the model as the strategy wraps it) will use."""
+    if has_class_named(trained, "DeepSpeedEngine"):
+        return _deepspeed_adder(factor * float(getattr(trained.optimizer, "loss_scale", 1.0) or 1.0))
+
+    def add(name: str, p: nn.Parameter, grad: Tensor) -> None:
+        grad = (grad * factor).to(p.dtype)
+        if p.grad is None:
+            p.grad = grad
+        else:
+            p.grad.add_(grad)
+
+    return add
+
+
+def _deepspeed_adder(factor: float) -> GradientAdder:
+    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+    def add(name: str, p: nn.Parameter, grad: Tensor) -> None:
+        current = safe_get_full_grad(p)
+        if current is None:
+            raise RuntimeError(f"DeepSpeed holds no gradient for parameter {name!r} at the optimizer step: "
+                               f"it is frozen or not handed to the optimizer")
+        value = current + (grad * factor).to(current.dtype)
+        if hasattr(p, "ds_id"):  # ZeRO-3 reads its piece from the flattened value padded to world x partition
+            padded = value.new_zeros(p.ds_tensor.numel() * world()[1])
+            padded[:value.numel()] = value.flatten()
+            value = padded
+        safe_set_full_grad(p, value)
+
+    return add

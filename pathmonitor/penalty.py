@@ -1,0 +1,213 @@
+"""The path-norm as a penalty: its value and its exact gradient (MATH.md section 6).
+
+Two ways to the same gradient:
+- parameters that every rank holds in full (one process, DDP, DeepSpeed ZeRO-1/2): one autograd graph
+  over the whole |theta|^q network, built on the parameters themselves;
+- sharded parameters (DeepSpeed ZeRO-3, FSDP2), where one autograd graph would need every module's
+  full parameters at once: a forward pass that keeps the batch-1 activations, then a reverse pass op by
+  op, each op evaluated again with autograd, an affine op inside its module's gather. Peak extra memory
+  is one module's full parameters plus the activations, and every rank walks the same ops in the same
+  order, so every gather matches.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .distributed import is_dtensor, is_sharded
+from .engine import Interpreter, Scaled, exact_values, log_of, map_tensors
+from .errors import PathComputationError
+from .graph import OpKind, PathGraph, PathOp, capture
+from .layers import parameter_name
+from .norms import norm_of, unwrapped, validated_input_shape, validated_q
+from .sources import ModuleSource, ParameterEdges, ParameterSource, PowerMagnitudes, Tensors
+
+GradientSink = Callable[[str, nn.Parameter, Tensor], None]
+
+
+def path_norm_penalty(model: nn.Module, input_shape: Sequence[int], q: float = 1.0, log: bool = True) -> Tensor:
+    """log ||Phi(theta)||_q (or ||Phi(theta)||_q with `log=False`) as a differentiable 0-dim float64 tensor,
+    to add to a loss (MATH.md section 6).
+
+    Unchanged by neuron-wise rescaling, unlike weight decay. The log form has scale-free gradients and stays
+    exact far beyond float64. Gradients reach the model's own parameters (`weight_orig` where
+    `torch.nn.utils.prune` masks a weight). Batch-norm layers contribute through their running statistics.
+    Sharded models (DeepSpeed ZeRO-3, FSDP2) are refused: use `penalty_gradients`.
+    """
+    model, shape, q = unwrapped(model), validated_input_shape(input_shape), validated_q(q)
+    if is_sharded(model):
+        raise ValueError(f"{type(model).__name__} has sharded parameters (DeepSpeed ZeRO-3 or FSDP2): an autograd "
+                         f"graph over the whole network would need them all gathered at once. Use "
+                         f"pathmonitor.penalty.penalty_gradients, or the PathNormRegularizer callback.")
+    graph = capture(model, shape)
+    _, values = exact_values(graph, model, PowerMagnitudes(ParameterEdges(ModuleSource(model)), q), q, keep=False)
+    return penalty_of(values[-1], q, log)
+
+
+def penalty_of(total: Scaled, q: float, log: bool) -> Tensor:
+    """log ||Phi||_q = log(sum of the |theta|^q network's outputs) / q, or ||Phi||_q itself, from that sum.
+
+    Refused, with the reason, where it cannot serve as a penalty: the log of a path-norm of 0 (no path
+    carries weight) and a path-norm beyond float64."""
+    if log:
+        if float(total.value.detach()) == 0:
+            raise ZeroPathNormError(f"the L{q:g} path-norm is 0 (no path carries a nonzero weight, e.g. a last layer "
+                                    f"initialized to zero): its log is -inf, with no gradient. Use log=False, or start "
+                                    f"the penalty later.")
+        return log_of(total, q) / q
+    norm = norm_of(total, q)
+    if math.isinf(float(norm.detach())):
+        raise PathComputationError(f"the L{q:g} path-norm is exp({float(log_of(total, q).detach()) / q:.6g}), beyond "
+                                   f"float64, so it cannot serve as a penalty: use log=True")
+    return norm
+
+
+class ZeroPathNormError(PathComputationError):
+    """The path-norm is 0, so its log has no value or gradient to offer as a penalty."""
+
+
+def penalty_gradients(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
+                      sink: GradientSink) -> float:
+    """The penalty of `path_norm_penalty` on the weights read from `source`; each parameter's gradient goes
+    to `sink(qualified name, parameter, gradient)` (MATH.md section 6).
+
+    The gradient has the parameter's full shape (a DTensor of the parameter's placements under FSDP2). A
+    parameter read by several ops (a module called twice, tied weights) may reach the sink once per use:
+    the sink must add; the name is the one under which the reading module holds it, so a tied parameter
+    may come under several names. Under sharding this is a collective, and the sink is called inside the
+    gather of the parameter's module. With `log=True` a path-norm of 0 gives -inf and no gradient."""
+    model = unwrapped(model)
+    differentiate = _op_by_op if is_sharded(model) else _whole_graph
+    try:
+        return differentiate(graph, model, source, q, log, _finite_only(sink))
+    except ZeroPathNormError:  # raised before any gradient reaches the sink, on every rank alike
+        return -math.inf
+
+
+def _finite_only(sink: GradientSink) -> GradientSink:
+    def checked(name: str, p: nn.Parameter, grad: Tensor) -> None:
+        if not is_dtensor(grad) and not bool(torch.isfinite(grad).all()):  # a DTensor's check would be per shard
+            raise PathComputationError(f"the path-norm penalty's gradient for {name!r} is not finite: a parameter "
+                                       f"is NaN or infinite")
+        sink(name, p, grad)
+
+    return checked
+
+
+def _whole_graph(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
+                 sink: GradientSink) -> float:
+    """One autograd graph over the whole |theta|^q network, built on the parameters themselves."""
+    magnitudes = PowerMagnitudes(ParameterEdges(source), q)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    with torch.enable_grad():
+        _, values = exact_values(graph, model, magnitudes, q, keep=False)
+        penalty = penalty_of(values[-1], q, log)
+        if not penalty.requires_grad:  # no parameter on any path
+            return float(penalty.detach())
+        grads = torch.autograd.grad(penalty, [p for _, p in named], allow_unused=True)
+    for (name, p), grad in zip(named, grads):
+        if grad is not None:
+            sink(name, p, grad)
+    return float(penalty.detach())
+
+
+def _op_by_op(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
+              sink: GradientSink) -> float:
+    """Reverse-mode differentiation one op at a time, re-evaluating each op on its kept inputs."""
+    magnitudes = PowerMagnitudes(ParameterEdges(source), q)
+    with torch.no_grad():
+        interpreter, values = exact_values(graph, model, magnitudes, q, keep=True)
+    total = values[-1]
+    leaf = total.value.detach().requires_grad_(True)
+    with torch.enable_grad():
+        penalty = penalty_of(Scaled(leaf, total.log_scale), q, log)
+        (seed,) = torch.autograd.grad(penalty, [leaf])
+    upstream: dict[int, Any] = {len(graph.ops) - 1: seed}
+    for index in range(len(graph.ops) - 1, -1, -1):
+        grad = upstream.pop(index, None)
+        op = graph.ops[index]
+        if grad is None or op.kind in (OpKind.INPUT, OpKind.VALUE):
+            continue
+        for read, read_grad in _op_backward(op, grad, values, interpreter, model, source, sink).items():
+            upstream[read] = _add(upstream.get(read), read_grad)
+    return float(penalty.detach())
+
+
+def _op_backward(op: PathOp, grad: Any, values: list[Any], interpreter: Interpreter, model: nn.Module,
+                 source: ParameterSource, sink: GradientSink) -> dict[int, Any]:
+    """Gradients of the activations `op` reads, given the gradient of its value; an affine op's parameter
+    gradients go to the sink."""
+    reads = dict.fromkeys(ref.index for ref in op.refs() if isinstance(values[ref.index], Scaled))
+    leaves = {i: Scaled(map_tensors(values[i].value, lambda t: t.detach().requires_grad_(True)), values[i].log_scale)
+              for i in reads}
+    inputs = [t for i in reads for t in _flat(leaves[i].value) if t is not None]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        evaluator, named = interpreter, []
+        if op.kind is OpKind.AFFINE:  # differentiate inside the gather, while the parameters are whole
+            module = model.get_submodule(op.target)
+            tensors = stack.enter_context(source.tensors(op.target, module))
+            evaluator = Interpreter(interpreter.graph, model, PowerMagnitudes(ParameterEdges(_Opened(tensors)),
+                                    interpreter.q), interpreter.q, interpreter.log_scaled, interpreter.device)
+            named = [(parameter_name(op.target, n), p) for n, p in module.named_parameters() if p.requires_grad]
+        value = evaluator.evaluate_op(op, _Overlay(values, leaves)).value
+        pairs = [(out, g) for out, g in zip(_flat(value), _flat(grad)) if g is not None and out.requires_grad]
+        wrt = inputs + [p for _, p in named]
+        if not pairs or not wrt:
+            return {}
+        grads = torch.autograd.grad([out for out, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        for (name, p), g in zip(named, grads[len(inputs):]):
+            if g is not None:
+                sink(name, p, g)
+    input_grads = iter(grads[:len(inputs)])
+    return {i: _unflat(values[i].value, [None if t is None else next(input_grads) for t in _flat(leaves[i].value)])
+            for i in reads}
+
+
+class _Overlay:
+    """The kept values with some entries replaced by gradient-recording leaves."""
+
+    def __init__(self, values: list[Any], replaced: dict[int, Any]):
+        self.values, self.replaced = values, replaced
+
+    def __getitem__(self, index: int) -> Any:
+        return self.replaced.get(index, self.values[index])
+
+
+class _Opened:
+    """A parameter source handing out tensors read once already (inside a gather still open)."""
+
+    def __init__(self, tensors: Tensors):
+        self.opened = tensors
+
+    @contextlib.contextmanager
+    def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
+        yield self.opened
+
+
+def _flat(value: Any) -> list[Optional[Tensor]]:
+    """The tensors of an activation (a tensor or a tuple of them from chunk/split), in order."""
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flat(v)]
+    return [value if isinstance(value, Tensor) else None]
+
+
+def _unflat(like: Any, flat: list[Optional[Tensor]]) -> Any:
+    """`flat` arranged like the activation `like`."""
+    if isinstance(like, (tuple, list)):
+        return type(like)(_unflat(v, flat) for v in like)
+    return flat.pop(0)
+
+
+def _add(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, (tuple, list)):
+        return type(a)(_add(x, y) for x, y in zip(a, b))
+    return a + b

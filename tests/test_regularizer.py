@@ -1,0 +1,341 @@
+"""The path-norm penalty and `PathNormRegularizer` (MATH.md section 6): invariance, exact gradients on one
+process and under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2 (2 CPU processes), cadence, bad input, effect."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import pathmonitor as pm
+from nets import make
+from pathmonitor.callbacks import MonitorError, PathNormRegularizer
+from pathmonitor.callbacks.digits import DigitsData, DigitsNet
+from pathmonitor.graph import capture
+from pathmonitor.penalty import _op_by_op, path_norm_penalty, penalty_gradients
+from pathmonitor.sources import ModuleSource
+from regularizer_step import LR, WEIGHT, PenaltyOnly, model_for, randomize_batch_norms
+from test_monitor_setup import Exotic, data, trainer
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPE = (1, 8, 8)
+REGULARIZED_WEIGHT = 0.1  # the demo's weight (configs/digits.yaml)
+NETS = ["conv_pool_chain", "residual_concat", "unet_like", "functional_ops", "two_heads", "small_unet"]
+
+
+def gradients(model: nn.Module, shape, q: float = 1.0, log: bool = True) -> dict[str, torch.Tensor]:
+    penalty = path_norm_penalty(model, shape, q, log)
+    named = [(name, p) for name, p in model.named_parameters()]
+    grads = torch.autograd.grad(penalty, [p for _, p in named], allow_unused=True)
+    return {name: g for (name, _), g in zip(named, grads) if g is not None}
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("q", [1.0, 2.0])
+def test_penalty_is_invariant_and_its_gradient_covariant_under_rescaling(name, q):
+    """If theta' = D theta is a neuron-wise rescaling (D diagonal, positive), P(D theta) = P(theta) for every
+    theta, hence D grad P(D theta) = grad P(theta): the gradient at D theta is D^-1 times the one at theta."""
+    net, shape = make(name, 0)
+    net = net.double()
+    rescaled = pm.random_rescale(net, generator=torch.Generator().manual_seed(1))
+    for log in (True, False):
+        assert float(path_norm_penalty(rescaled, shape, q, log)) == pytest.approx(
+            float(path_norm_penalty(net, shape, q, log)), rel=1e-10)
+    original, moved = gradients(net, shape, q), gradients(rescaled, shape, q)
+    assert original.keys() == moved.keys()
+    params, rescaled_params = dict(net.named_parameters()), dict(rescaled.named_parameters())
+    factors_seen = set()
+    for key, grad in original.items():
+        theta, theta_rescaled = params[key].detach(), rescaled_params[key].detach()
+        nonzero = theta != 0
+        d = torch.where(nonzero, theta_rescaled / torch.where(nonzero, theta, 1.0), 1.0)  # the diagonal of D
+        factors_seen.update(round(float(f), 6) for f in d.unique())
+        torch.testing.assert_close(moved[key][nonzero], (grad / d)[nonzero], rtol=1e-8, atol=1e-12 * grad.abs().max())
+    assert len(factors_seen) > 2, "the rescaling moved too little to test anything"
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("q,log", [(1.0, True), (2.0, False)])
+def test_the_op_by_op_gradient_of_sharded_models_equals_autograd(name, q, log):
+    """The reverse pass that sharded models take, on a plain model, against one autograd graph."""
+    net, shape = make(name, 0)
+    expected = gradients(net, shape, q, log)
+    got: dict[str, torch.Tensor] = {}
+
+    def add(key, p, grad):
+        got[key] = got.get(key, 0) + grad
+
+    value = _op_by_op(capture(net, shape), net, ModuleSource(net), q, log, add)
+    assert value == pytest.approx(float(path_norm_penalty(net, shape, q, log)), rel=1e-12)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-10, atol=0)
+
+
+def test_gradient_reaches_weight_orig_of_a_pruned_layer():
+    net, shape = make("conv_pool_chain", 0)
+    conv = net[0]
+    prune.random_unstructured(conv, "weight", amount=0.5)
+    grads = gradients(net, shape)
+    assert "0.weight_orig" in grads and "0.weight" not in grads
+    mask = conv.weight_mask
+    assert torch.all(grads["0.weight_orig"][mask == 0] == 0) and torch.any(grads["0.weight_orig"][mask == 1] != 0)
+
+
+def _chain(depth: int, width: int, value: float) -> nn.Sequential:
+    layers = []
+    for _ in range(depth):
+        linear = nn.Linear(width, width, bias=False)
+        nn.init.constant_(linear.weight, value)
+        layers += [linear, nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def test_log_penalty_is_exact_beyond_float64_and_the_plain_one_refuses():
+    n, depth, w = 8, 120, 100.0  # ||Phi||_1 = n * (n w)^depth, about 1e349
+    net = _chain(depth, n, w).double()
+    penalty = path_norm_penalty(net, (n,))
+    assert float(penalty) == pytest.approx(math.log(n) + depth * math.log(n * w), rel=1e-12)
+    (grad,) = torch.autograd.grad(penalty, [net[0].weight])
+    # ||Phi||_1 is 1-homogeneous in the first layer's n^2 equal weights: each gets d log||Phi|| / d w = 1/(n^2 w)
+    assert torch.allclose(grad, torch.full_like(grad, 1.0 / (n * n * w)), rtol=1e-10)
+    with pytest.raises(pm.PathComputationError, match="use log=True"):
+        path_norm_penalty(net, (n,), log=False)
+
+
+def test_a_zero_path_norm_has_no_log_and_a_zero_gradient():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.init.zeros_(net[2].weight)
+    nn.init.zeros_(net[2].bias)
+    with pytest.raises(pm.PathComputationError, match="log=False"):
+        path_norm_penalty(net, (4,))
+    grads = gradients(net, (4,), log=False)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
+    added = []
+    value = penalty_gradients(capture(net, (4,)), net, ModuleSource(net), 1.0, True, lambda *args: added.append(args))
+    assert value == -math.inf and added == []
+
+
+def test_activations_sinking_towards_subnormals_switch_to_log_scales():
+    """A width-1 chain of 32 weights 1e-10 then 32 weights 1e10: the activations reach 1e-320 half-way,
+    while the total is about 1. d log||Phi|| / d w_i = 1 / w_i for every weight of a chain."""
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(1, 1, bias=False), nn.ReLU()) for _ in range(64)]).double()
+    with torch.no_grad():
+        for i, block in enumerate(net):
+            block[0].weight.fill_(1e-10 if i < 32 else 1e10)
+    weights = [block[0].weight for block in net]
+    penalty = path_norm_penalty(net, (1,))
+    assert float(penalty) == pytest.approx(sum(math.log(float(w)) for w in weights), abs=1e-12)
+    for w, g in zip(weights, torch.autograd.grad(penalty, weights)):
+        assert float(g) == pytest.approx(1 / float(w), rel=1e-9)
+
+
+@pytest.mark.parametrize("old_style", ["weight_norm", "spectral_norm"])
+def test_hook_based_weight_reparametrizations_are_read_fresh(old_style):
+    """torch.nn.utils.weight_norm / spectral_norm set `weight` in a forward pre-hook: after a training
+    step it is stale and its graph freed; the penalty computes it from the parameters instead."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    getattr(torch.nn.utils, old_style)(net[0])
+    net(torch.randn(4, 3)).sum().backward()
+    with torch.no_grad():
+        for p in net[0].parameters():
+            p.mul_(1.5)
+        net[0].weight = net[0]._forward_pre_hooks[next(iter(net[0]._forward_pre_hooks))].compute_weight(
+            net[0], **({"do_power_iteration": False} if old_style == "spectral_norm" else {}))
+        expected = float(path_norm_penalty(net, (3,)))
+    net[0].weight = net[0].weight.detach() * 7  # a stale value, which must not be read
+    grads = gradients(net, (3,))
+    assert float(path_norm_penalty(net, (3,))) == pytest.approx(expected, rel=1e-12)
+    assert all(torch.isfinite(g).all() for g in grads.values()) and "0.weight" not in grads
+
+
+class _Named:
+    def __init__(self, name, **attributes):
+        self.__class__ = type(name, (), {})
+        self.__dict__.update(attributes)
+
+
+@pytest.mark.parametrize("managed,optimizer,problem", [(False, "DeepSpeedZeroOptimizer", "managed"),
+                                                        (True, "BF16_Optimizer", "BF16_Optimizer")])
+def test_deepspeed_set_ups_where_the_gradient_would_be_lost_are_refused(managed, optimizer, problem):
+    from pathmonitor.callbacks.regularizer import _check_deepspeed
+
+    engine = _Named("DeepSpeedEngine", optimizer=_Named(optimizer), managed_gradient_accumulation=lambda: managed)
+    with pytest.raises(MonitorError, match=problem):
+        _check_deepspeed(engine)
+
+
+# -- one optimizer step with the regularizer alone, on every strategy ------------------------------------
+_STEP_RUNS: dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def step_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regularizer")
+
+    def run(strategy: str, accumulate: int) -> Path:
+        key = (strategy, accumulate)
+        if key not in _STEP_RUNS:
+            out = root / f"{strategy}-{accumulate}"
+            env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+            done = subprocess.run([sys.executable, str(REPO / "tests" / "regularizer_step.py"), strategy, str(out),
+                                   "--accumulate", str(accumulate)],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, f"{key} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+            _STEP_RUNS[key] = out
+        return _STEP_RUNS[key]
+
+    return run
+
+
+def consolidated(out: Path, strategy: str) -> dict[str, torch.Tensor]:
+    if strategy.startswith("zero"):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(out / "final.ckpt"))  # the fp32 master weights
+    return torch.load(out / "final.ckpt", weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("strategy", ["single", "ddp", "zero1", "zero2", "zero3", "fsdp2"])
+def test_one_step_moves_every_parameter_by_the_penalty_gradient(step_run, strategy, accumulate):
+    out = step_run(strategy, accumulate)
+    init = torch.load(out / "init.pt")
+    model = model_for("single")
+    model.load_state_dict(init, strict=False)
+    expected_grads = gradients(model, SHAPE)
+    assert expected_grads.keys() == init.keys()
+    expected = {key: init[key] - LR * WEIGHT * grad.to(torch.float32) for key, grad in expected_grads.items()}
+    update = torch.cat([(expected[key] - init[key]).flatten() for key in expected])
+    ranks = sorted(out.glob("rank*.pt"))
+    assert len(ranks) == (1 if strategy == "single" else 2)
+    for held in [torch.load(path) for path in ranks] + [consolidated(out, strategy)]:
+        moved = torch.cat([(held[key] - init[key]).flatten() for key in expected])
+        assert float((moved - update).norm() / update.norm()) < 1e-3
+        for key in expected:
+            torch.testing.assert_close(held[key], expected[key], rtol=1e-6, atol=0)
+    logged = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
+    penalty = float(path_norm_penalty(model, SHAPE).detach())
+    for record in logged:
+        assert record["last"].keys() == {"regularizer/weight", "regularizer/penalty"}
+        assert record["last"]["regularizer/weight"] == WEIGHT
+        assert record["last"]["regularizer/penalty"] == pytest.approx(penalty, rel=1e-12)
+        assert record["global_step"] == 1
+
+
+# -- the callback in one process ------------------------------------------------------------------------
+class ManualPenaltyOnly(PenaltyOnly, DigitsNet):
+    def __init__(self, optimizers: int = 1):
+        super().__init__(width=3)
+        randomize_batch_norms(self)
+        self.automatic_optimization = False
+        self.n_optimizers = optimizers
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        optimizer.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.parameters(), lr=LR) for _ in range(self.n_optimizers)]
+
+
+def test_manual_optimization_adds_the_penalty_at_each_optimizer_step(tmp_path):
+    automatic, manual = model_for("single"), ManualPenaltyOnly()
+    manual.load_state_dict(automatic.state_dict())
+    for model in (automatic, manual):
+        trainer(tmp_path, [PathNormRegularizer(WEIGHT)], max_steps=1).fit(model, data())
+    for (key, a), m in zip(automatic.state_dict().items(), manual.state_dict().values()):
+        torch.testing.assert_close(m, a, rtol=0, atol=0, msg=key)
+    assert not torch.equal(automatic.net[0].weight, model_for("single").net[0].weight)
+    with pytest.raises(MonitorError, match="single optimizer"):
+        trainer(tmp_path, [PathNormRegularizer(WEIGHT)], max_steps=1).fit(ManualPenaltyOnly(optimizers=2), data())
+
+
+class Recorder(pl.Callback):
+    """The regularizer's logged values at every step (read right after it logs)."""
+
+    def __init__(self, regularizer: PathNormRegularizer):
+        self.regularizer, self.seen = regularizer, {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.seen[trainer.global_step - 1] = dict(self.regularizer.last)
+        self.regularizer.last = {}
+
+
+def test_cadence_warmup_and_schedule(tmp_path):
+    every = PathNormRegularizer(0.1, every_n_steps=3, warmup_steps=4)
+    recorder = Recorder(every)
+    trainer(tmp_path, [every, recorder], max_steps=8).fit(model_for("single"), data())
+    weights = {step: values.get("regularizer/weight") for step, values in recorder.seen.items()}
+    assert weights == {0: 0.0, 1: None, 2: None, 3: pytest.approx(0.075), 4: None, 5: None, 6: 0.1, 7: None}
+    assert "regularizer/penalty" not in recorder.seen[0] and "regularizer/penalty" in recorder.seen[3]
+    scheduled = PathNormRegularizer(1.0, schedule=lambda step: 0.01 * step)
+    recorder = Recorder(scheduled)
+    trainer(tmp_path, [scheduled, recorder], max_steps=3).fit(model_for("single"), data())
+    assert [recorder.seen[s]["regularizer/weight"] for s in range(3)] == [0.0, 0.01, 0.02]
+
+
+def test_every_n_steps_multiplies_the_weight_by_n(tmp_path):
+    """Applied every 2 steps with twice the weight: one step moves the weights as twice the penalty would."""
+    once, doubled = model_for("single"), model_for("single")
+    doubled.load_state_dict(once.state_dict())
+    trainer(tmp_path, [PathNormRegularizer(WEIGHT, every_n_steps=2)], max_steps=1).fit(once, data())
+    trainer(tmp_path, [PathNormRegularizer(2 * WEIGHT)], max_steps=1).fit(doubled, data())
+    for a, b in zip(once.parameters(), doubled.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class CountSteps(pl.Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_start(self, *args):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, "0.1", True])
+def test_bad_weights_are_refused_at_construction(bad):
+    with pytest.raises(ValueError, match="weight"):
+        PathNormRegularizer(bad)
+
+
+@pytest.mark.parametrize("make_callback,model,problem", [
+    (lambda: PathNormRegularizer(0.1), lambda: Exotic(), "LayerNorm"),
+    (lambda: PathNormRegularizer(0.1, input_shape=(3, 8, 8)), lambda: DigitsNet(width=4), "input_shape"),
+    (lambda: PathNormRegularizer(0.1, schedule=lambda step: -1.0), lambda: DigitsNet(width=4), "schedule"),
+    (lambda: PathNormRegularizer(0.1, schedule=lambda step: math.nan), lambda: DigitsNet(width=4), "schedule"),
+])
+def test_bad_input_fails_before_the_first_step(tmp_path, make_callback, model, problem):
+    counter = CountSteps()
+    with pytest.raises(MonitorError, match=problem):
+        trainer(tmp_path, [make_callback(), counter], max_steps=2).fit(model(), data())
+    assert counter.steps == 0
+
+
+def test_training_with_the_regularizer_shrinks_the_path_norm_tenfold_at_the_same_accuracy(tmp_path):
+    results = {}
+    for weight in (0.0, REGULARIZED_WEIGHT):
+        pl.seed_everything(0)
+        model = DigitsNet(width=16)
+        callbacks = [PathNormRegularizer(weight)] if weight else []
+        fit = trainer(tmp_path, callbacks, max_steps=-1, max_epochs=10)
+        fit.fit(model, DigitsData())
+        accuracy = fit.validate(model, DigitsData(), verbose=False)[0]["val_acc"]
+        with torch.no_grad():
+            results[weight] = (float(pm.path_norm(model, SHAPE)), accuracy)
+    (plain_norm, plain_accuracy), (norm, accuracy) = results[0.0], results[REGULARIZED_WEIGHT]
+    print(f"L1 path-norm {plain_norm:.4g} -> {norm:.4g}, validation accuracy {plain_accuracy:.4f} -> {accuracy:.4f}")
+    assert norm * 10 <= plain_norm
+    assert accuracy >= plain_accuracy - 0.02
+
