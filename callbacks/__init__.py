@@ -6,6 +6,8 @@ from .base import MonitorError
 from .bound_monitor import GeneralizationBoundMonitor
 from .drift import PathMetricDrift
 from .norm_monitor import PathNormMonitor
+from .pruning import PathBudgetPruning
 from .regularizer import PathNormRegularizer
 
-__all__ = ["GeneralizationBoundMonitor", "MonitorError", "PathMetricDrift", "PathNormMonitor", "PathNormRegularizer"]
+__all__ = ["GeneralizationBoundMonitor", "MonitorError", "PathBudgetPruning", "PathMetricDrift", "PathNormMonitor",
+           "PathNormRegularizer"]

@@ -5,10 +5,12 @@ from .errors import (ParameterMismatchError, PathComputationError, SupportReport
 from .metrics import PathMetric, function_distance_bound, path_metric, quantization_bound
 from .norms import PathNormOverflowWarning, check_support, log_path_norm, path_norm
 from .penalty import path_norm_penalty
+from .pruning import Certified
 from .rescale import random_rescale
 from .scores import path_magnitude_scores
 
 __all__ = [
+    "Certified",
     "GeneralizationBound",
     "ParameterMismatchError",
     "PathComputationError",

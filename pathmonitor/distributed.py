@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 def is_zero3_parameter(t: Tensor) -> bool:
     """Whether `t` is a DeepSpeed ZeRO-3 parameter (its data may be an empty partition)."""
-    return hasattr(t, "ds_id")
+    return "ds_id" in vars(t)  # DeepSpeed sets it as an attribute; hasattr would raise and catch on every miss
 
 
 def has_class_named(obj: object, name: str) -> bool:

@@ -25,6 +25,10 @@ from .layers import apply_affine, bias_view
 from .sources import EdgeMagnitudes
 
 
+# the ops whose output can be smaller than their inputs; sums, re-indexing and identities cannot sink
+_SHRINKING = (OpKind.AFFINE, OpKind.POOL, OpKind.SCALE)
+
+
 @dataclass(frozen=True)
 class Scaled:
     """An activation (a tensor, or a tuple of tensors from chunk/split) worth value * exp(log_scale)."""
@@ -65,7 +69,7 @@ class Interpreter:
         self.q = q
         self.log_scaled = log_scaled
         self.device = device
-        self._smallest_peak: Optional[Tensor] = None  # plain mode: the least positive max of any activation
+        self._peaks: list[Tensor] = []  # plain mode: the max of every activation that can shrink
 
     def run(self) -> Scaled:
         """The sum of all outputs of the |theta|^q network, as Scaled(0-dim tensor, log_scale)."""
@@ -77,7 +81,7 @@ class Interpreter:
         values: list[Any] = [None] * len(self.graph.ops)
         for i, op in enumerate(self.graph.ops):
             values[i] = self.evaluate_op(op, values)
-            if not self.log_scaled and isinstance(values[i], Scaled):
+            if not self.log_scaled and op.kind in _SHRINKING:
                 map_tensors(values[i].value, self._watch)
             if not keep:
                 for released in op.release:
@@ -85,17 +89,17 @@ class Interpreter:
         return values
 
     def _watch(self, t: Tensor) -> Tensor:
-        """Keep the least positive maximum of the activations (on the device: read once, at the end)."""
         if t.numel():
-            peak = t.detach().max()
-            peak = torch.where(peak > 0, peak, math.inf)
-            self._smallest_peak = peak if self._smallest_peak is None else torch.minimum(self._smallest_peak, peak)
+            self._peaks.append(t.detach().max())  # stays on the device: read once, at the end
         return t
 
     def stayed_in_range(self) -> bool:
         """Whether no activation of a plain pass sank towards subnormals (where float64 loses relative
         precision, and a gradient through it may overflow) even when the total looks fine."""
-        return self._smallest_peak is None or float(self._smallest_peak) > PRECISE_MINIMUM
+        if not self._peaks:
+            return True
+        peaks = torch.stack(self._peaks)
+        return not bool(((peaks > 0) & (peaks <= PRECISE_MINIMUM)).any())
 
     def evaluate_op(self, op: PathOp, values: Sequence[Any]) -> Any:
         """The value of `op` from the values of the ops it reads, failures named after the op."""

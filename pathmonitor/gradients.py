@@ -24,11 +24,10 @@ def gradient_adder(trained: nn.Module, factor: float) -> GradientAdder:
         return _deepspeed_adder(factor * float(getattr(trained.optimizer, "loss_scale", 1.0) or 1.0))
 
     def add(name: str, p: nn.Parameter, grad: Tensor) -> None:
-        grad = (grad * factor).to(p.dtype)
         if p.grad is None:
-            p.grad = grad
+            p.grad = (grad * factor).to(p.dtype)
         else:
-            p.grad.add_(grad)
+            p.grad.add_(grad.to(p.grad.dtype), alpha=factor)
 
     return add
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import enum
+import functools
 import operator
 import weakref
 from dataclasses import dataclass, field
@@ -569,18 +570,22 @@ def ignore_bookkeeping(cls: type, names: Iterable[str]) -> None:
     """Declare attributes that a framework's base class `cls` keeps on its instances and `forward`
     never reads (a trainer's current hook name, say), so that their changes do not trace again."""
     _BOOKKEEPING[cls] = _BOOKKEEPING.get(cls, frozenset()) | frozenset(names)
+    _ignored.cache_clear()
 
 
-def _ignored(module: nn.Module) -> frozenset[str]:
-    return _MODULE_INTERNALS.union(*(_BOOKKEEPING.get(cls, ()) for cls in type(module).__mro__))
+@functools.lru_cache(maxsize=None)
+def _ignored(cls: type) -> frozenset[str]:
+    return _MODULE_INTERNALS.union(*(_BOOKKEEPING.get(base, ()) for base in cls.__mro__))
 
 
 def _structure(model: nn.Module) -> tuple:
     """What a traced graph depends on: the module tree and every module's own attributes (kernel
     sizes, modes, flags and functions read in forward); a change to any of them means tracing again."""
-    return tuple((name, id(m), type(m), tuple((key, _setting(value)) for key, value in vars(m).items()
-                                              if key not in _ignored(m)))
-                 for name, m in model.named_modules())
+    return tuple((name, id(m), type(m), _settings(m, _ignored(type(m)))) for name, m in model.named_modules())
+
+
+def _settings(module: nn.Module, ignored: frozenset[str]) -> tuple:
+    return tuple((key, _setting(value)) for key, value in vars(module).items() if key not in ignored)
 
 
 def capture(model: nn.Module, input_shape: tuple[int, ...]) -> PathGraph:

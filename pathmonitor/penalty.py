@@ -83,19 +83,9 @@ def penalty_gradients(graph: PathGraph, model: nn.Module, source: ParameterSourc
     model = unwrapped(model)
     differentiate = _op_by_op if is_sharded(model) else _whole_graph
     try:
-        return differentiate(graph, model, source, q, log, _finite_only(sink))
+        return differentiate(graph, model, source, q, log, sink)
     except ZeroPathNormError:  # raised before any gradient reaches the sink, on every rank alike
         return -math.inf
-
-
-def _finite_only(sink: GradientSink) -> GradientSink:
-    def checked(name: str, p: nn.Parameter, grad: Tensor) -> None:
-        if not is_dtensor(grad) and not bool(torch.isfinite(grad).all()):  # a DTensor's check would be per shard
-            raise PathComputationError(f"the path-norm penalty's gradient for {name!r} is not finite: a parameter "
-                                       f"is NaN or infinite")
-        sink(name, p, grad)
-
-    return checked
 
 
 def _whole_graph(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
@@ -109,10 +99,21 @@ def _whole_graph(graph: PathGraph, model: nn.Module, source: ParameterSource, q:
         if not penalty.requires_grad:  # no parameter on any path
             return float(penalty.detach())
         grads = torch.autograd.grad(penalty, [p for _, p in named], allow_unused=True)
-    for (name, p), grad in zip(named, grads):
-        if grad is not None:
-            sink(name, p, grad)
+    found = [(name, p, grad) for (name, p), grad in zip(named, grads) if grad is not None]
+    _check_finite(found)
+    for name, p, grad in found:
+        sink(name, p, grad)
     return float(penalty.detach())
+
+
+def _check_finite(found: list[tuple[str, nn.Parameter, Tensor]]) -> None:
+    """Refuse NaN or infinite gradients (a parameter that is NaN or infinite), naming one, before any is used."""
+    plain = [(name, grad) for name, _, grad in found if not is_dtensor(grad)]  # a DTensor's check is per shard
+    # one fused kernel for the largest magnitude of every gradient (torch.nn.utils.clip_grad_norm_ uses it too)
+    if plain and not bool(torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in plain], math.inf))).all()):
+        name = next(name for name, grad in plain if not bool(torch.isfinite(grad).all()))
+        raise PathComputationError(f"the path-norm penalty's gradient for {name!r} is not finite: a parameter is NaN "
+                                   f"or infinite")
 
 
 def _op_by_op(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
@@ -160,9 +161,10 @@ def _op_backward(op: PathOp, grad: Any, values: list[Any], interpreter: Interpre
         if not pairs or not wrt:
             return {}
         grads = torch.autograd.grad([out for out, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-        for (name, p), g in zip(named, grads[len(inputs):]):
-            if g is not None:
-                sink(name, p, g)
+        found = [(name, p, g) for (name, p), g in zip(named, grads[len(inputs):]) if g is not None]
+        _check_finite(found)
+        for name, p, g in found:
+            sink(name, p, g)
     input_grads = iter(grads[:len(inputs)])
     return {i: _unflat(values[i].value, [None if t is None else next(input_grads) for t in _flat(leaves[i].value)])
             for i in reads}

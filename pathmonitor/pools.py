@@ -8,6 +8,7 @@ written as  average(x) * divisor**exponent  with exponent 1 for max and 1 - q fo
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
@@ -85,18 +86,24 @@ class WindowPool:
 
     def _window_sum(self, x: Tensor) -> Tensor:
         """Sum over each window of real (unpadded) positions, with max-pool windowing rules."""
-        spatial = tuple(x.shape[2:])
+        channels = x.shape[1]
+        ones = _ones_kernel((channels, 1) + self.kernel_size, x.dtype, x.device)
+        pad = self._padding(tuple(x.shape[2:]))
+        padded = F.pad(x, pad) if any(pad) else x
+        return _CONV[self.dims](padded, ones, None, self.stride, 0, self.dilation, channels)
+
+    @functools.lru_cache(maxsize=64)
+    def _padding(self, spatial: tuple[int, ...]) -> list[int]:
+        """F.pad's arguments that make every window of the max-pool a full window of a convolution."""
         out_shape = _MAX_POOL_FUNCTIONS[self.dims](
-            torch.empty(tuple(x.shape[:2]) + spatial, device="meta"), self.kernel_size, self.stride,
+            torch.empty((1, 1) + spatial, device="meta"), self.kernel_size, self.stride,
             self.padding, self.dilation, self.ceil_mode).shape[2:]
         pad = []
         for size, out, k, s, p, d in reversed(list(zip(spatial, out_shape, self.kernel_size, self.stride,
                                                          self.padding, self.dilation))):
             needed = (out - 1) * s + d * (k - 1) + 1
             pad += [p, needed - size - p]  # a negative right pad crops positions no window reaches
-        channels = x.shape[1]
-        ones = torch.ones((channels, 1) + self.kernel_size, dtype=x.dtype, device=x.device)
-        return _CONV[self.dims](F.pad(x, pad), ones, None, self.stride, 0, self.dilation, channels)
+        return pad
 
 
 @dataclass(frozen=True)
@@ -168,3 +175,9 @@ def pool_from_module(module: nn.Module) -> Pool:
             if isinstance(module, cls):
                 return AdaptivePool(reduce, dims, _tuple(module.output_size, dims))
     raise TypeError(f"{type(module).__name__} is not a pooling module")
+
+
+@functools.lru_cache(maxsize=64)
+def _ones_kernel(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A kernel of ones, built once per shape: convolutions only read it."""
+    return torch.ones(shape, dtype=dtype, device=device)

@@ -28,7 +28,8 @@ def prunable_weights(graph: PathGraph, model: nn.Module) -> dict[str, str]:
             if not isinstance(model.get_submodule(module_name), BATCH_NORMS)}
 
 
-def _selected_modules(graph: PathGraph, model: nn.Module, parameters: Optional[Iterable[str]]) -> list[str]:
+def selected_modules(graph: PathGraph, model: nn.Module, parameters: Optional[Iterable[str]]) -> list[str]:
+    """The modules of the named weights (default: every prunable weight), checked to be scorable."""
     allowed = prunable_weights(graph, model)
     if parameters is None:
         chosen = list(allowed)
@@ -90,7 +91,7 @@ def path_magnitude_scores(model: nn.Module, input_shape: Sequence[int], paramete
     _require_autograd()
     model, shape = unwrapped(model), validated_input_shape(input_shape)
     graph = capture(model, shape)
-    modules = _selected_modules(graph, model, parameters)
+    modules = selected_modules(graph, model, parameters)
     scores, log_norm = scores_from(graph, model, ModuleSource(model), modules)
     if relative:
         return scores

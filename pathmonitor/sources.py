@@ -68,8 +68,9 @@ def _effective(module: nn.Module, key: str) -> Optional[Tensor]:
     `torch.nn.utils.weight_norm` / `spectral_norm` refresh `weight` only in a forward pre-hook, so the
     attribute may be one step stale (and its autograd graph already freed): it is computed here from the
     parameters instead. Parametrizations compute it on access."""
-    original, mask = getattr(module, f"{key}_orig", None), getattr(module, f"{key}_mask", None)
-    if isinstance(original, Tensor) and isinstance(mask, Tensor):
+    # looked up where prune registers them: a missing attribute would cost an exception in Module.__getattr__
+    original, mask = module._parameters.get(f"{key}_orig"), module._buffers.get(f"{key}_mask")
+    if original is not None and mask is not None:
         return original * mask
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, SpectralNorm) and hook.name == key:

@@ -1,0 +1,269 @@
+"""`PathBudgetPruning`: scheduled in-training pruning whose every round is bounded by a path-metric budget
+and ordered by rescaling-invariant path-magnitude scores (MATH.md sections 3 and 4)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from pathmonitor.bounds import check_number
+from pathmonitor.distributed import has_class_named, is_sharded
+from pathmonitor.pruning import Budget, Certified, Ramp, Scope, check_budget, prune_round, ramped_sparsity
+from pathmonitor.scores import selected_modules
+
+from .base import MonitorError, PathCallback, is_due, log_values, restore
+
+Selection = Sequence[tuple[nn.Module, str]]
+
+
+class PathBudgetPruning(PathCallback):
+    """Prunes the weights of Linear / Conv / ConvTranspose layers (never biases or batch-norm; or the
+    `parameters_to_prune` [(module, "weight"), ...]) in rounds, each removing the entries with the least
+    path mass, re-scored as they go, until the round's exact path-metric to its pre-round weights reaches
+    the budget, or until the round's scheduled sparsity.
+
+    budget: relative to the pre-round L1 path-norm, in (0, 1]; or `pathmonitor.Certified(change,
+    input_bound)`, a bound on how much any output may move (l1) for inputs with ||x||_inf <= input_bound.
+    When: with `every_n_steps=n` right after the optimizer step when `trainer.global_step` (1 after the
+    first step) is a multiple of n in [start, end]; with `every_n_epochs=n` (or neither given: every
+    epoch) at the end of every n-th epoch, counted the same way (1 after the first); or whenever
+    `schedule(global_step)` says so. With `target_sparsity`, round k also stops at the sparsity ramped
+    (linearly or cubically) from 0 at `start` to `target_sparsity` at `end`. `scope="layer"` gives each
+    layer an equal share of the budget. `rewind_to=r` resets the surviving weights to their values after r
+    optimizer steps at every round (lottery-ticket rewinding), with the optimizer state of the selected
+    weights. Masks are enforced on the weights after every optimizer step, on the gradients before it and
+    on the optimizer state at every round, so that the checkpoint holds zeros under the model's own keys;
+    `make_permanent=False` leaves `torch.nn.utils.prune` masks on the modules at the end of training.
+
+    Logs per round `prune/sparsity`, `prune/removed`, `prune/change_relative`, `prune/budget_spent` and,
+    when an input bound is known, `prune/certified_change`; a per-layer sparsity histogram on TensorBoard."""
+
+    def __init__(self, budget: Budget = 0.05, every_n_steps: Optional[int] = None,
+                 every_n_epochs: Optional[int] = None, start: int = 0, end: Optional[int] = None,
+                 target_sparsity: Optional[float] = None, ramp: Ramp = "cubic", scope: Scope = "global",
+                 parameters_to_prune: Optional[Selection] = None, rewind_to: Optional[int] = None,
+                 make_permanent: bool = True, input_shape: Optional[Sequence[int]] = None,
+                 module: Optional[str] = None, schedule: Optional[Callable[[int], bool]] = None):
+        super().__init__(module, input_shape)
+        check_budget(budget)
+        self.budget = budget
+        given = [name for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
+                                          ("schedule", schedule)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"PathBudgetPruning takes one of every_n_steps, every_n_epochs and schedule; got {given}")
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None:
+                check_number(name, value, integer=True)
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"schedule must be a callable step -> bool, got {schedule!r}")
+        self.every_n_steps, self.schedule = every_n_steps, schedule
+        self.every_n_epochs = 1 if not given else every_n_epochs  # neither given: once per epoch
+        check_number("start", start, integer=True, strict=False)
+        if end is not None:
+            check_number("end", end, integer=True, minimum=start, strict=False)
+        self.start, self.end = start, end
+        if target_sparsity is not None:
+            check_number("target_sparsity", target_sparsity, strict=False)
+            if target_sparsity >= 1:
+                raise ValueError(f"target_sparsity must lie in [0, 1), got {target_sparsity!r}")
+            if end is None:
+                raise ValueError("target_sparsity is reached at `end`: give end (a step, or an epoch with "
+                                 "every_n_epochs)")
+        self.target_sparsity = target_sparsity
+        if ramp not in ("linear", "cubic"):
+            raise ValueError(f"ramp must be 'linear' or 'cubic', got {ramp!r}")
+        if scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        self.ramp, self.scope = ramp, scope
+        if parameters_to_prune is not None:
+            parameters_to_prune = list(parameters_to_prune)
+            for entry in parameters_to_prune:
+                if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], nn.Module)
+                        and entry[1] == "weight"):
+                    raise ValueError(f"parameters_to_prune takes [(module, 'weight'), ...], got the entry {entry!r}")
+        self.parameters_to_prune = parameters_to_prune
+        if rewind_to is not None:
+            check_number("rewind_to", rewind_to, integer=True, strict=False)
+        self.rewind_to = rewind_to
+        self.make_permanent = bool(make_permanent)
+        self.masks: dict[str, Tensor] = {}
+        self.rewind: Optional[dict[str, Tensor]] = None
+        self.last: dict[str, float] = {}
+        self.last_step = -1
+        self.rounds = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(scope=self.scope, module=self.module)
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        watched = self.watched_module(pl_module)
+        graph = self.tracked.graph
+        try:
+            names = selected_modules(graph, watched, self._selected_weight_names(watched))
+        except ValueError as error:
+            raise MonitorError(f"PathBudgetPruning: {error}") from None
+        if not names:
+            raise MonitorError(f"PathBudgetPruning: {type(watched).__name__} has no Linear / Conv / ConvTranspose "
+                               f"weight on its input-output paths to prune")
+        self.masks = {name: torch.ones_like(watched.get_submodule(name).weight, dtype=torch.bool) for name in names}
+
+    def _selected_weight_names(self, watched: nn.Module) -> Optional[list[str]]:
+        if self.parameters_to_prune is None:
+            return None
+        names = {id(m): name for name, m in watched.named_modules()}
+        missing = [type(m).__name__ for m, _ in self.parameters_to_prune if id(m) not in names]
+        if missing:
+            raise MonitorError(f"PathBudgetPruning: parameters_to_prune names modules that are not in the watched "
+                               f"model: {missing}")
+        return [f"{names[id(m)]}.weight" if names[id(m)] else "weight" for m, _ in self.parameters_to_prune]
+
+    def start_fit(self) -> None:
+        self.last, self.last_step, self.rounds, self.rewind = {}, -1, 0, None
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if is_sharded(pl_module) or has_class_named(trainer.model, "DeepSpeedEngine"):
+            raise MonitorError("PathBudgetPruning runs on one process and under DDP; DeepSpeed and FSDP2 are not "
+                               "supported yet")
+        self._check_schedule_fires(trainer)
+        if self.rewind_to == 0 and self.rewind is None:
+            self.rewind = self._weights()
+
+    def _check_schedule_fires(self, trainer: "pl.Trainer") -> None:
+        if self.schedule is not None:
+            return
+        every, unit = ((self.every_n_steps, "step") if self.every_n_steps is not None
+                       else (self.every_n_epochs, "epoch"))
+        limits = [x for x in (self.end, trainer.max_steps if unit == "step" else trainer.max_epochs)
+                  if x is not None and x >= 0]  # the trainer's -1 means no limit
+        last = min(limits) if limits else None
+        first = every * max(1, math.ceil(self.start / every))
+        if last is not None and first > last:
+            raise MonitorError(f"PathBudgetPruning would never prune: the first {unit} that is a multiple of {every} "
+                               f"and at least start={self.start} is {first}, past the last {unit} {last} (end or the "
+                               f"trainer's max_{unit}s)")
+
+    # -- when ----------------------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                                 optimizer: Optimizer) -> None:
+        if self.rounds:
+            for name, p in self._weight_parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.masks[name].to(p.grad.device))
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+        step = trainer.global_step
+        if self.rounds:
+            self._apply_to_weights()
+        if self.rewind_to is not None and self.rewind is None and step == self.rewind_to:
+            self.rewind = self._weights()
+        if self.schedule is not None:
+            due = step != self.last_step and bool(self.schedule(step))
+        else:
+            due = is_due(step, self.every_n_steps, self.last_step) and self._in_window(step)
+        if due:
+            self._round(trainer, step)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs is not None and epoch % self.every_n_epochs == 0 and self._in_window(epoch):
+            self._round(trainer, epoch)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.make_permanent and self.rounds:
+            watched = self.tracked.model
+            for name, mask in self.masks.items():
+                torch.nn.utils.prune.custom_from_mask(watched.get_submodule(name), "weight", mask)
+
+    def _in_window(self, position: int) -> bool:
+        return self.start <= position and (self.end is None or position <= self.end)
+
+    # -- a round -------------------------------------------------------------------------------------------
+    def _round(self, trainer: "pl.Trainer", position: int) -> None:
+        total = sum(mask.numel() for mask in self.masks.values())
+        pruned = total - sum(int(mask.sum()) for mask in self.masks.values())
+        cap = None
+        if self.target_sparsity is not None:
+            scheduled = ramped_sparsity(position, self.start, self.end, self.target_sparsity, self.ramp)
+            cap = max(0, math.ceil(scheduled * total - 1e-9) - pruned)
+        tracked = self.tracked
+        result = prune_round(tracked.graph, tracked.model, tracked.source, self.masks, self.budget, cap, self.scope)
+        self.masks, self.rounds, self.last_step = result.masks, self.rounds + 1, trainer.global_step
+        self._apply_to_weights()
+        self._apply_to_optimizers(trainer, reset=self.rewind is not None)
+        if self.rewind is not None:
+            self._rewind()
+        budget = (self.budget.relative_to(result.log_norm_before) if isinstance(self.budget, Certified)
+                  else float(self.budget))
+        sparsity = (pruned + result.removed) / total
+        values = {"prune/sparsity": sparsity, "prune/removed": float(result.removed),
+                  "prune/change_relative": result.change_relative,
+                  "prune/budget_spent": result.change_relative / budget}
+        input_bound = self.budget.input_bound if isinstance(self.budget, Certified) else tracked.input_bound
+        if input_bound is not None:
+            values["prune/certified_change"] = max(input_bound, 1.0) * result.change
+        self.last = values
+        log_values(trainer, values)
+        self._log_layer_histogram(trainer)
+        rank_zero_info(f"PathBudgetPruning round {self.rounds} at step {trainer.global_step}: removed "
+                       f"{result.removed}, sparsity {sparsity:.2%}, path-metric {result.change_relative:.3g} of the "
+                       f"L1 path-norm ({values['prune/budget_spent']:.0%} of the budget)")
+
+    def _log_layer_histogram(self, trainer: "pl.Trainer") -> None:
+        sparsities = torch.tensor([1 - float(mask.float().mean()) for mask in self.masks.values()])
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.add_histogram("prune/layer_sparsity", sparsities, trainer.global_step)
+
+    # -- masks on the weights, gradients and optimizer state -----------------------------------------------
+    def _weight_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        watched = self.tracked.model
+        return [(name, watched.get_submodule(name).weight) for name in self.masks]
+
+    def _weights(self) -> dict[str, Tensor]:
+        return {name: p.detach().clone() for name, p in self._weight_parameters()}
+
+    @torch.no_grad()
+    def _apply_to_weights(self) -> None:
+        for name, p in self._weight_parameters():
+            p.mul_(self.masks[name].to(p.device))
+
+    @torch.no_grad()
+    def _apply_to_optimizers(self, trainer: "pl.Trainer", reset: bool) -> None:
+        """Zero the optimizer state (Adam's moments, momentum) of pruned entries, or of every entry of the
+        selected weights when they are rewound: state left there would revive a pruned weight."""
+        for optimizer in trainer.optimizers:
+            for name, p in self._weight_parameters():
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        value.mul_(0 if reset else self.masks[name].to(value.device))
+
+    @torch.no_grad()
+    def _rewind(self) -> None:
+        for name, p in self._weight_parameters():
+            p.copy_(self.rewind[name].to(p.device) * self.masks[name].to(p.device))
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}, "rounds": self.rounds,
+                "last": dict(self.last), "last_step": self.last_step,
+                "rewind": None if self.rewind is None else {k: v.cpu() for k, v in self.rewind.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        restore(self, state_dict, ("rounds", "last", "last_step", "rewind"))
+        saved = state_dict.get("masks")
+        if saved is not None:
+            if saved.keys() != self.masks.keys() and self.masks:
+                raise MonitorError(f"PathBudgetPruning: the checkpoint's masks are for {sorted(saved)}, this model "
+                                   f"prunes {sorted(self.masks)}")
+            self.masks = {name: mask.clone() for name, mask in saved.items()}

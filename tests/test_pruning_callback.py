@@ -1,0 +1,156 @@
+"""`PathBudgetPruning` in one process: masks that stick in the checkpoint under the model's own keys,
+rounds within budget, resume, rescaling immunity against Lightning's `ModelPruning`, bad input."""
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, ModelPruning
+from torch import nn
+
+import pathmonitor as pm
+from pathmonitor.callbacks import MonitorError, PathBudgetPruning
+from pathmonitor.callbacks.digits import DigitsData, DigitsNet
+from test_monitor_setup import trainer
+from test_regularizer import CountSteps
+
+SHAPE = (1, 8, 8)
+
+
+def data():
+    return DigitsData(batch_size=32, limit=200, shuffle=False)  # 5 steps per epoch, the same batches on resume
+
+
+class Rounds(pl.Callback):
+    """Every round's logged values (read right after the pruning callback logs them)."""
+
+    def __init__(self, pruning: PathBudgetPruning):
+        self.pruning, self.seen = pruning, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.pruning.last:
+            self.seen.append(dict(self.pruning.last, step=trainer.global_step))
+            self.pruning.last = {}
+
+
+def zeros_fraction(state: dict, masks: dict) -> float:
+    zeros = sum(int((state[f"net.{name}.weight"] == 0).sum()) for name in masks)
+    return zeros / sum(mask.numel() for mask in masks.values())
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """Adam, a round every 4 steps up to step 16 with a cubic ramp to 60% sparsity, 24 steps in all."""
+    root = tmp_path_factory.mktemp("pruning")
+    pl.seed_everything(0)
+    pruning = PathBudgetPruning(budget=0.2, every_n_steps=4, end=16, target_sparsity=0.6, module="net")
+    rounds = Rounds(pruning)
+    fit = trainer(root, [pruning, rounds], max_steps=24)
+    model = DigitsNet(width=4)
+    fit.fit(model, data())
+    fit.save_checkpoint(root / "final.ckpt")
+    return root, pruning, rounds, model
+
+
+def test_pruned_entries_are_exact_zeros_in_the_checkpoint_under_the_models_own_keys(pruned_run):
+    root, pruning, rounds, model = pruned_run
+    state = torch.load(root / "final.ckpt", weights_only=False)["state_dict"]
+    assert not any(key.endswith(("_orig", "_mask")) for key in state)
+    for name, mask in pruning.masks.items():
+        weight = state[f"net.{name}.weight"]
+        assert torch.all(weight[~mask] == 0), name
+    assert [r["step"] for r in rounds.seen] == [4, 8, 12, 16]
+    assert rounds.seen[-1]["prune/sparsity"] == pytest.approx(zeros_fraction(state, pruning.masks), abs=1e-12)
+    assert rounds.seen[-1]["prune/sparsity"] > 0.3
+
+
+def test_every_round_stays_within_its_budget_and_the_schedule(pruned_run):
+    _, pruning, rounds, _ = pruned_run
+    for r in rounds.seen:
+        assert r["prune/change_relative"] <= 0.2
+        assert r["prune/budget_spent"] == pytest.approx(r["prune/change_relative"] / 0.2)
+        assert r["prune/removed"] > 0
+        cubic = 0.6 * (1 - (1 - r["step"] / 16) ** 3)
+        assert r["prune/sparsity"] <= cubic + 1e-2  # at most the ramp, rounded up to whole entries
+
+
+def test_a_killed_and_resumed_run_ends_with_the_masks_of_an_uninterrupted_one(tmp_path, pruned_run):
+    _, uninterrupted, _, whole = pruned_run
+    pl.seed_everything(0)
+    first = PathBudgetPruning(budget=0.2, every_n_steps=4, end=16, target_sparsity=0.6, module="net")
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=10)
+    pl.Trainer(accelerator="cpu", max_steps=10, callbacks=[first, checkpoints], default_root_dir=str(tmp_path),
+               logger=False, enable_progress_bar=False, enable_model_summary=False,
+               num_sanity_val_steps=0).fit(DigitsNet(width=4), data())
+    resumed = PathBudgetPruning(budget=0.2, every_n_steps=4, end=16, target_sparsity=0.6, module="net")
+    model = DigitsNet(width=4)
+    trainer(tmp_path, [resumed], max_steps=24).fit(model, data(), ckpt_path=str(tmp_path / "epoch=1-step=10.ckpt"))
+    assert resumed.masks.keys() == uninterrupted.masks.keys()
+    for name in resumed.masks:
+        assert torch.equal(resumed.masks[name], uninterrupted.masks[name]), name
+    assert resumed.rounds == 2 + 2  # two before the kill, two after it
+
+
+def test_rescaling_before_pruning_changes_no_mask_where_magnitude_pruning_changes_many(tmp_path):
+    """One round at the first step, learning rate 0 and frozen batch-norm statistics, so the weights the
+    round sees are the initial ones, once as they are and once after a function-preserving rescaling."""
+    class Frozen(DigitsNet):
+        def __init__(self):
+            super().__init__(width=4, lr=0.0, bn_momentum=0.0)
+
+    pl.seed_everything(0)
+    net = Frozen()
+    rescaled = Frozen()
+    rescaled.load_state_dict(pm.random_rescale(net, generator=torch.Generator().manual_seed(1)).state_dict())
+    initial = [{key: value.clone() for key, value in model.state_dict().items()} for model in (net, rescaled)]
+    masks = []
+    for model in (net, rescaled):
+        pruning = PathBudgetPruning(budget=0.3, every_n_steps=1, end=1, module="net")
+        trainer(tmp_path, [pruning], max_steps=1).fit(model, data())
+        masks.append(pruning.masks)
+    assert all(torch.equal(masks[0][name], masks[1][name]) for name in masks[0])
+    sparsity = 1 - sum(int(m.sum()) for m in masks[0].values()) / sum(m.numel() for m in masks[0].values())
+    assert sparsity > 0.05
+    lightning = []
+    for model, state in zip((Frozen(), Frozen()), initial):
+        model.load_state_dict(state)
+        weights = [(m, "weight") for m in model.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        pruning = ModelPruning("l1_unstructured", amount=sparsity, parameters_to_prune=weights,
+                               use_global_unstructured=True, make_pruning_permanent=False, apply_pruning=True,
+                               verbose=0)
+        trainer(tmp_path, [pruning], max_steps=-1, max_epochs=1, limit_train_batches=1).fit(model, data())
+        lightning.append([m.weight_mask.clone() for m, _ in weights])
+    assert not all(torch.equal(a, b) for a, b in zip(*lightning))
+
+
+@pytest.mark.parametrize("make_callback,problem", [
+    (lambda: PathBudgetPruning(budget=1.5), "budget"),
+    (lambda: PathBudgetPruning(budget=0.0), "budget"),
+    (lambda: PathBudgetPruning(target_sparsity=1.0, end=4), "target_sparsity"),
+    (lambda: PathBudgetPruning(target_sparsity=0.5), "end"),
+    (lambda: PathBudgetPruning(every_n_steps=2, every_n_epochs=1), "one of"),
+])
+def test_bad_arguments_are_refused_at_construction(make_callback, problem):
+    with pytest.raises(ValueError, match=problem):
+        make_callback()
+
+
+@pytest.mark.parametrize("make_callback,problem", [
+    (lambda: PathBudgetPruning(parameters_to_prune=[(nn.Linear(2, 2), "weight")]), "not in the watched model"),
+    (lambda: PathBudgetPruning(every_n_steps=100), "never prune"),
+    (lambda: PathBudgetPruning(every_n_steps=3, start=5, end=5), "never prune"),
+])
+def test_bad_input_fails_before_the_first_step(tmp_path, make_callback, problem):
+    counter = CountSteps()
+    with pytest.raises(MonitorError, match=problem):
+        trainer(tmp_path, [make_callback(), counter], max_steps=10).fit(DigitsNet(width=4), data())
+    assert counter.steps == 0
+
+
+def test_parameters_to_prune_selects_and_make_permanent_false_leaves_prune_masks(tmp_path):
+    model = DigitsNet(width=4)
+    chosen = [(model.net[0], "weight"), (model.net[10], "weight")]
+    pruning = PathBudgetPruning(every_n_steps=2, end=2, parameters_to_prune=chosen, make_permanent=False)
+    trainer(tmp_path, [pruning], max_steps=3).fit(model, data())
+    assert sorted(pruning.masks) == ["net.0", "net.10"]
+    assert hasattr(model.net[0], "weight_mask") and torch.equal(model.net[0].weight_mask.bool(), pruning.masks["net.0"])

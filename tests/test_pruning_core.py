@@ -1,0 +1,129 @@
+"""Budgeted path-magnitude pruning rounds (pathmonitor.pruning, MATH.md sections 3 and 4): the budget is
+never exceeded, the certificate holds on real data, masks are immune to rescaling, caps and scopes."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pathmonitor as pm
+from nets import make
+from pathmonitor.graph import capture
+from pathmonitor.pruning import Certified, prune_round, ramped_sparsity
+from pathmonitor.scores import prunable_weights
+from pathmonitor.sources import ModuleSource
+
+NETS = ["conv_pool_chain", "residual_concat", "small_unet", "two_heads"]
+
+
+def full_masks(net: nn.Module, shape) -> dict[str, torch.Tensor]:
+    graph = capture(net, shape)
+    return {name: torch.ones_like(net.get_submodule(name).weight, dtype=torch.bool)
+            for name in dict.fromkeys(prunable_weights(graph, net).values())}
+
+
+def round_of(net, shape, masks, budget, **kwargs):
+    return prune_round(capture(net, shape), net, ModuleSource(net), masks, budget, **kwargs)
+
+
+def applied(net: nn.Module, masks) -> nn.Module:
+    pruned = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            pruned.get_submodule(name).weight.mul_(mask)
+    return pruned
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_each_round_stays_within_its_budget_and_reports_the_exact_change(name, scope):
+    net, shape = make(name, 0)
+    masks, total = full_masks(net, shape), None
+    current = net
+    for budget in (0.02, 0.05, 0.1):  # three successive rounds, each measured against its own start
+        result = round_of(current, shape, masks, budget, scope=scope)
+        pruned = applied(net, result.masks)
+        metric = pm.path_metric(current, pruned, shape)
+        assert metric.exact and metric.kind == "pruning"
+        assert result.change_relative == pytest.approx(metric.relative, rel=1e-9)
+        assert result.change_relative <= budget
+        assert result.removed == sum(int(m.sum()) for m in masks.values()) - sum(int(m.sum()) for m in
+                                                                                 result.masks.values())
+        assert result.removed > 0
+        masks, current = result.masks, pruned
+        total = result.removed if total is None else total + result.removed
+    assert total > 0
+
+
+def test_a_round_removes_as_much_as_fits_one_more_would_exceed_the_budget():
+    """With one chunk a round takes the largest prefix of one score order within the budget."""
+    from pathmonitor.pruning import MaskedSource, _ascending_candidates
+
+    net, shape = make("residual_concat", 0)
+    masks = full_masks(net, shape)
+    result = round_of(net, shape, masks, 0.05, chunks=1)
+    order = _ascending_candidates(capture(net, shape), net, MaskedSource(ModuleSource(net), masks), masks, list(masks))
+    one_more = {name: mask.clone() for name, mask in masks.items()}
+    for m, i in zip(order.modules[:result.removed + 1], order.indices[:result.removed + 1]):
+        one_more[order.names[int(m)]].view(-1)[int(i)] = False
+    assert pm.path_metric(net, applied(net, one_more), shape).relative > 0.05
+
+
+def test_the_certificate_bounds_the_change_of_outputs_on_real_data():
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(128, 10)).double().eval()
+    x = torch.tensor(load_digits().images, dtype=torch.float64).unsqueeze(1) / 16.0
+    budget = Certified(change=2.0, input_bound=1.0)
+    result = round_of(net, (1, 8, 8), full_masks(net, (1, 8, 8)), budget)
+    assert result.removed > 0
+    certified = max(budget.input_bound, 1.0) * result.change
+    assert certified <= budget.change * (1 + 1e-12)
+    with torch.no_grad():
+        moved = (net(x) - applied(net, result.masks)(x)).abs().sum(dim=1)
+    assert float(moved.max()) <= certified * (1 + 1e-9)
+    assert float(moved.max()) > 0
+
+
+def test_masks_are_immune_to_rescaling_where_magnitude_pruning_is_not():
+    net, shape = make("small_unet", 0)
+    rescaled = pm.random_rescale(net, generator=torch.Generator().manual_seed(3))
+    masks = full_masks(net, shape)
+    ours = round_of(net, shape, masks, 0.05)
+    ours_rescaled = round_of(rescaled, shape, masks, 0.05)
+    assert all(torch.equal(ours.masks[name], ours_rescaled.masks[name]) for name in masks)
+
+    def magnitude_masks(model, count):
+        weights = torch.cat([model.get_submodule(name).weight.detach().abs().flatten() for name in masks])
+        threshold = weights.sort().values[count - 1]
+        return {name: model.get_submodule(name).weight.detach().abs() > threshold for name in masks}
+
+    plain, plain_rescaled = magnitude_masks(net, ours.removed), magnitude_masks(rescaled, ours.removed)
+    assert not all(torch.equal(plain[name], plain_rescaled[name]) for name in masks)
+
+
+def test_a_cap_stops_the_round_first():
+    net, shape = make("conv_pool_chain", 0)
+    result = round_of(net, shape, full_masks(net, shape), 1.0, max_removed=37)
+    assert result.removed == 37
+    assert round_of(net, shape, full_masks(net, shape), 0.05, max_removed=0).removed == 0
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, math.nan])
+def test_bad_budgets_are_refused(bad):
+    net, shape = make("conv_pool_chain", 0)
+    with pytest.raises(ValueError, match="budget"):
+        round_of(net, shape, full_masks(net, shape), bad)
+    with pytest.raises(ValueError, match="Certified.change"):
+        Certified(change=-1.0, input_bound=1.0)
+
+
+def test_ramps():
+    assert [ramped_sparsity(p, 0, 10, 0.8, "linear") for p in (0, 5, 10, 20)] == pytest.approx([0, 0.4, 0.8, 0.8])
+    assert ramped_sparsity(5, 0, 10, 0.8, "cubic") == pytest.approx(0.8 * (1 - 0.5 ** 3))
+    assert ramped_sparsity(-3, 0, 10, 0.8) == 0
