@@ -33,11 +33,12 @@ class PathBudgetPruning(PathCallback):
     When: with `every_n_steps=n` right after the optimizer step when `trainer.global_step` (1 after the
     first step) is a multiple of n in [start, end]; with `every_n_epochs=n` (or neither given: every
     epoch) at the end of every n-th epoch, counted the same way (1 after the first); or whenever
-    `schedule(global_step)` says so. With `target_sparsity`, round k also stops at the sparsity ramped
+    `schedule(global_step)` says so. With `target_sparsity`, a round also stops at the sparsity ramped
     (linearly or cubically) from 0 at `start` to `target_sparsity` at `end`. `scope="layer"` gives each
-    layer an equal share of the budget. `rewind_to=r` resets the surviving weights to their values after r
-    optimizer steps at every round (lottery-ticket rewinding), with the optimizer state of the selected
-    weights. Masks are enforced on the weights after every optimizer step, on the gradients before it and
+    layer an equal share of the budget (and of the round's cap, by size). `rewind_to=r` resets the
+    surviving weights to their values after r optimizer steps at every round (lottery-ticket rewinding),
+    with the optimizer state of the selected weights; the logged change is then the pruning's, before the
+    rewind. Masks are enforced on the weights after every optimizer step, on the gradients before it and
     on the optimizer state at every round, so that the checkpoint holds zeros under the model's own keys;
     `make_permanent=False` leaves `torch.nn.utils.prune` masks on the modules at the end of training.
 
@@ -136,6 +137,8 @@ class PathBudgetPruning(PathCallback):
             raise MonitorError("PathBudgetPruning runs on one process and under DDP; DeepSpeed and FSDP2 are not "
                                "supported yet")
         self._check_schedule_fires(trainer)
+        device = self._weight_parameters()[0][1].device  # the strategy has placed the model by now
+        self.masks = {name: mask.to(device) for name, mask in self.masks.items()}
         if self.rewind_to == 0 and self.rewind is None:
             self.rewind = self._weights()
 
@@ -144,8 +147,9 @@ class PathBudgetPruning(PathCallback):
             return
         every, unit = ((self.every_n_steps, "step") if self.every_n_steps is not None
                        else (self.every_n_epochs, "epoch"))
-        limits = [x for x in (self.end, trainer.max_steps if unit == "step" else trainer.max_epochs)
-                  if x is not None and x >= 0]  # the trainer's -1 means no limit
+        trainer_limit = trainer.estimated_stepping_batches if unit == "step" else trainer.max_epochs
+        limits = [x for x in (self.end, trainer_limit)
+                  if x is not None and x >= 0 and math.isfinite(x)]  # the trainer's -1 (or inf) means no limit
         last = min(limits) if limits else None
         first = every * max(1, math.ceil(self.start / every))
         if last is not None and first > last:
@@ -168,7 +172,7 @@ class PathBudgetPruning(PathCallback):
         if self.rewind_to is not None and self.rewind is None and step == self.rewind_to:
             self.rewind = self._weights()
         if self.schedule is not None:
-            due = step != self.last_step and bool(self.schedule(step))
+            due = step > 0 and step != self.last_step and bool(self.schedule(step))
         else:
             due = is_due(step, self.every_n_steps, self.last_step) and self._in_window(step)
         if due:

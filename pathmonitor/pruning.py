@@ -112,9 +112,14 @@ def prune_round(graph: PathGraph, model: nn.Module, source: ParameterSource, mas
     Removes at most `max_removed` entries, and only as many as keep the exact path-metric between the
     pre-round and the post-round network within the budget: `budget` times the pre-round L1 path-norm,
     or a `Certified` change in output units. The order is re-scored `chunks` times: each chunk takes its
-    share of what still fits. With scope="layer" the layers are visited in turn and each may add at most
-    1/L of the budget to the change (the change of a union is at most the sum of the changes)."""
+    share of what still fits. With scope="layer" the layers are visited in turn: each may add at most
+    1/L of the budget to the change, and may remove at most its share of `max_removed` by size."""
     check_budget(budget)
+    if max_removed is not None:
+        check_number("max_removed", max_removed, integer=True, strict=False)
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    check_number("chunks", chunks, integer=True)
     kept = {name: mask.clone() for name, mask in masks.items()}
     modules = list(kept)
     with torch.no_grad():
@@ -127,11 +132,15 @@ def prune_round(graph: PathGraph, model: nn.Module, source: ParameterSource, mas
         return _relative_drop(log_before, log_after)
 
     groups = [modules] if scope == "global" else [[name] for name in modules]
+    sizes = [sum(kept[name].numel() for name in group) for group in groups]
     removed = 0
-    for position, group in enumerate(groups):
-        allowed = budget_relative * (position + 1) / len(groups)
+    for group, size in zip(groups, sizes):
+        # what this group may add: all of the budget globally, 1/L of it (and its share of the cap) per layer
+        allowed = (change_of(kept) if len(groups) > 1 else 0.0) + budget_relative / len(groups)
+        cap = None if max_removed is None else math.ceil(max_removed * size / sum(sizes))
+        removed_here = 0
         for chunk in range(chunks):
-            room = None if max_removed is None else max_removed - removed
+            room = None if cap is None else min(cap - removed_here, max_removed - removed)
             if room == 0:
                 break
             order = _ascending_candidates(graph, model, MaskedSource(source, kept), kept, group)
@@ -142,7 +151,7 @@ def prune_round(graph: PathGraph, model: nn.Module, source: ParameterSource, mas
             if take == 0:
                 break
             _remove(kept, order.first(take))
-            removed += take
+            removed, removed_here = removed + take, removed_here + take
     return PruningRound(kept, removed, change_of(kept), log_before)
 
 
