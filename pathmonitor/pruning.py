@@ -164,17 +164,33 @@ def _relative_drop(log_before: float, log_after: float) -> float:
 
 @dataclass(frozen=True)
 class Candidates:
-    """Kept entries in removal order: entry k is flat index `indices[k]` of the weight of `names[modules[k]]`."""
+    """Kept entries in removal order: entry k is flat index `indices[k]` of the weight of `names[modules[k]]`.
+    `count` entries of the order count; per module, the order positions of its entries are kept sorted,
+    so that any prefix splits into per-module index lists without scanning it."""
 
     names: list[str]
     modules: Tensor
     indices: Tensor
+    count: int
+    positions: tuple[Tensor, ...]
+
+    @classmethod
+    def ordered(cls, names: list[str], modules: Tensor, indices: Tensor) -> "Candidates":
+        positions = tuple((modules == m).nonzero().flatten() for m in range(len(names)))
+        return cls(names, modules, indices, len(indices), positions)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.count
 
     def first(self, count: int) -> "Candidates":
-        return Candidates(self.names, self.modules[:count], self.indices[:count])
+        return Candidates(self.names, self.modules, self.indices, min(count, self.count), self.positions)
+
+    def per_module(self) -> Iterator[tuple[str, Tensor]]:
+        """(module name, flat indices of its weight) for the entries of this prefix."""
+        for name, positions in zip(self.names, self.positions):
+            taken = int(torch.searchsorted(positions, self.count))
+            if taken:
+                yield name, self.indices[positions[:taken]]
 
 
 def _ascending_candidates(graph: PathGraph, model: nn.Module, source: ParameterSource, kept: Mapping[str, Tensor],
@@ -189,26 +205,32 @@ def _ascending_candidates(graph: PathGraph, model: nn.Module, source: ParameterS
         modules.append(torch.full_like(alive, position))
         indices.append(alive)
     order = torch.sort(torch.cat(flat_scores), stable=True).indices  # stable: ties in layer order, on every rank
-    return Candidates(group, torch.cat(modules)[order], torch.cat(indices)[order])
+    return Candidates.ordered(group, torch.cat(modules)[order], torch.cat(indices)[order])
 
 
 def _largest_fitting_prefix(order: Candidates, kept: Mapping[str, Tensor], change_of, allowed: float) -> int:
     """The largest k such that removing the first k candidates keeps the change within `allowed`
-    (bisection: the change only grows with k)."""
+    (bisection: the change only grows with k). The whole order is tried first: when a count cap, not
+    the budget, limits the round, one pass decides."""
     low, high = 0, len(order)
+    if high and _fits(order, kept, change_of, allowed):
+        return high
+    high -= 1
     while low < high:
         middle = (low + high + 1) // 2
-        candidate = {name: mask.clone() for name, mask in kept.items()}
-        _remove(candidate, order.first(middle))
-        if change_of(candidate) <= allowed:
+        if _fits(order.first(middle), kept, change_of, allowed):
             low = middle
         else:
             high = middle - 1
     return low
 
 
+def _fits(entries: Candidates, kept: Mapping[str, Tensor], change_of, allowed: float) -> bool:
+    candidate = {name: mask.clone() for name, mask in kept.items()}
+    _remove(candidate, entries)
+    return change_of(candidate) <= allowed
+
+
 def _remove(masks: dict[str, Tensor], entries: Candidates) -> None:
-    for position, name in enumerate(entries.names):
-        chosen = entries.indices[entries.modules == position]
-        if len(chosen):
-            masks[name].view(-1)[chosen.to(masks[name].device)] = False
+    for name, chosen in entries.per_module():
+        masks[name].view(-1)[chosen.to(masks[name].device)] = False
