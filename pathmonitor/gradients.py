@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from .distributed import has_class_named, world
+from .distributed import has_class_named, is_zero3_parameter, world
 
 GradientAdder = Callable[[str, nn.Parameter, Tensor], None]
 
@@ -41,7 +41,7 @@ def _deepspeed_adder(factor: float) -> GradientAdder:
             raise RuntimeError(f"DeepSpeed holds no gradient for parameter {name!r} at the optimizer step: "
                                f"it is frozen or not handed to the optimizer")
         value = current + (grad * factor).to(current.dtype)
-        if hasattr(p, "ds_id"):  # ZeRO-3 reads its piece from the flattened value padded to world x partition
+        if is_zero3_parameter(p):  # ZeRO-3 reads its piece from the flattened value padded to world x partition
             padded = value.new_zeros(p.ds_tensor.numel() * world()[1])
             padded[:value.numel()] = value.flatten()
             value = padded

@@ -62,9 +62,14 @@ def norm_of(total: Scaled, q: float) -> Tensor:
     gradient (a subgradient: no path carries weight) when the sum is 0."""
     if float(total.value.detach()) == 0:
         return total.value * 0.0
-    if total.log_scale == 0 and is_precise(total.value):
+    if _plain(total):
         return total.value if q == 1 else total.value ** (1.0 / q)
     return torch.exp(log_of(total, q) / q)
+
+
+def _plain(total: Scaled) -> bool:
+    """Whether the total came from a trusted plain float64 pass (no log-scale), read as it is."""
+    return total.log_scale == 0 and is_precise(total.value)
 
 
 def log_path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> Tensor:
@@ -99,7 +104,7 @@ def norm_and_log(graph: PathGraph, model: nn.Module, source: ParameterSource, q:
     with torch.no_grad():
         total = sum_of_powers(graph, model, source, q)
         value = float(norm_of(total, q))
-        if total.log_scale == 0 and is_precise(total.value):
+        if _plain(total):
             return value, math.log(value)
         return value, float(log_of(total, q)) / q
 

@@ -93,7 +93,7 @@ class WindowPool:
         return _CONV[self.dims](padded, ones, None, self.stride, 0, self.dilation, channels)
 
     @functools.lru_cache(maxsize=64)
-    def _padding(self, spatial: tuple[int, ...]) -> list[int]:
+    def _padding(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """F.pad's arguments that make every window of the max-pool a full window of a convolution."""
         out_shape = _MAX_POOL_FUNCTIONS[self.dims](
             torch.empty((1, 1) + spatial, device="meta"), self.kernel_size, self.stride,
@@ -103,7 +103,7 @@ class WindowPool:
                                                          self.padding, self.dilation))):
             needed = (out - 1) * s + d * (k - 1) + 1
             pad += [p, needed - size - p]  # a negative right pad crops positions no window reaches
-        return pad
+        return tuple(pad)  # cached and shared: immutable
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .bounds import check_number
 from .graph import PathGraph
 from .layers import parameter_name
-from .logmath import log_difference
+from .logmath import exp_or_inf, log_difference
 from .norms import norm_and_log
 from .scores import scores_from
 from .sources import ParameterSource, Tensors
@@ -83,8 +83,7 @@ class PruningRound:
         """The round's exact path-metric ||Phi(theta_before) - Phi(theta_after)||_1 (inf beyond float64)."""
         if self.change_relative == 0:
             return 0.0
-        log_change = math.log(self.change_relative) + self.log_norm_before
-        return math.exp(log_change) if log_change < 709.78 else math.inf
+        return exp_or_inf(math.log(self.change_relative) + self.log_norm_before)
 
 
 class MaskedSource:
@@ -122,13 +121,11 @@ def prune_round(graph: PathGraph, model: nn.Module, source: ParameterSource, mas
     check_number("chunks", chunks, integer=True)
     kept = {name: mask.clone() for name, mask in masks.items()}
     modules = list(kept)
-    with torch.no_grad():
-        _, log_before = norm_and_log(graph, model, MaskedSource(source, kept), 1.0)
+    _, log_before = norm_and_log(graph, model, MaskedSource(source, kept), 1.0)
     budget_relative = budget.relative_to(log_before) if isinstance(budget, Certified) else float(budget)
 
     def change_of(candidate: Mapping[str, Tensor]) -> float:
-        with torch.no_grad():
-            _, log_after = norm_and_log(graph, model, MaskedSource(source, candidate), 1.0)
+        _, log_after = norm_and_log(graph, model, MaskedSource(source, candidate), 1.0)
         return _relative_drop(log_before, log_after)
 
     groups = [modules] if scope == "global" else [[name] for name in modules]
@@ -164,26 +161,26 @@ def _relative_drop(log_before: float, log_after: float) -> float:
 
 @dataclass(frozen=True)
 class Candidates:
-    """Kept entries in removal order: entry k is flat index `indices[k]` of the weight of `names[modules[k]]`.
-    `count` entries of the order count; per module, the order positions of its entries are kept sorted,
-    so that any prefix splits into per-module index lists without scanning it."""
+    """Kept entries in removal order: entry k is flat index `indices[k]` of a weight of `names`; the first
+    `count` entries count. Per module, the order positions of its entries are kept sorted, so that any
+    prefix splits into per-module index lists without scanning it."""
 
     names: list[str]
-    modules: Tensor
     indices: Tensor
     count: int
     positions: tuple[Tensor, ...]
 
     @classmethod
     def ordered(cls, names: list[str], modules: Tensor, indices: Tensor) -> "Candidates":
+        """From the entries in order: entry k belongs to the weight of `names[modules[k]]`."""
         positions = tuple((modules == m).nonzero().flatten() for m in range(len(names)))
-        return cls(names, modules, indices, len(indices), positions)
+        return cls(names, indices, len(indices), positions)
 
     def __len__(self) -> int:
         return self.count
 
     def first(self, count: int) -> "Candidates":
-        return Candidates(self.names, self.modules, self.indices, min(count, self.count), self.positions)
+        return Candidates(self.names, self.indices, min(count, self.count), self.positions)
 
     def per_module(self) -> Iterator[tuple[str, Tensor]]:
         """(module name, flat indices of its weight) for the entries of this prefix."""

@@ -67,8 +67,8 @@ def test_a_round_removes_as_much_as_fits_one_more_would_exceed_the_budget():
     result = round_of(net, shape, masks, 0.05, chunks=1)
     order = _ascending_candidates(capture(net, shape), net, MaskedSource(ModuleSource(net), masks), masks, list(masks))
     one_more = {name: mask.clone() for name, mask in masks.items()}
-    for m, i in zip(order.modules[:result.removed + 1], order.indices[:result.removed + 1]):
-        one_more[order.names[int(m)]].view(-1)[int(i)] = False
+    for name, indices in order.first(result.removed + 1).per_module():
+        one_more[name].view(-1)[indices] = False
     assert pm.path_metric(net, applied(net, one_more), shape).relative > 0.05
 
 
