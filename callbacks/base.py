@@ -17,6 +17,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
+from pathmonitor.distributed import has_class_named
 from pathmonitor.errors import UnsupportedModelError
 from pathmonitor.graph import ignore_bookkeeping
 from pathmonitor.norms import check_support, validated_input_shape
@@ -118,6 +119,19 @@ class PathCallback(Callback):
     def now(self, trainer: "pl.Trainer") -> TrackedModel:
         """The shared tracked model, at the current moment of training."""
         return self.tracked.at(moment(trainer))
+
+
+def check_deepspeed_gradients(engine: Any, who: str) -> None:
+    """Refuse the DeepSpeed set-ups where the gradients cannot be reached at `on_before_optimizer_step`,
+    rather than let a callback that edits them silently do nothing."""
+    if not engine.managed_gradient_accumulation():
+        raise MonitorError(f"{who} needs DeepSpeed's managed gradient accumulation (the config's "
+                           f"managed_gradient_accumulation: true, the default): without it the hook cannot tell the "
+                           f"accumulation boundary")
+    if has_class_named(engine.optimizer, "BF16_Optimizer"):
+        raise MonitorError(f"{who} cannot reach the gradients under DeepSpeed's BF16_Optimizer (bf16 without ZeRO, "
+                           f"or with an fp32 grad_accum_dtype): it keeps them where safe_set_full_grad does not write. "
+                           f"Use ZeRO stage 1, 2 or 3 with bf16 gradients accumulated in bf16.")
 
 
 def is_due(step: int, every_n: Optional[int], last_step: int) -> bool:

@@ -13,11 +13,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from pathmonitor.bounds import check_number
-from pathmonitor.distributed import has_class_named, is_sharded
+from pathmonitor.distributed import full_shape, has_class_named, is_sharded
+from pathmonitor.masking import mask_keeper
 from pathmonitor.pruning import Budget, Certified, Ramp, Scope, check_budget, prune_round, ramped_sparsity
 from pathmonitor.scores import selected_modules
 
-from .base import MonitorError, PathCallback, is_due, log_values, restore
+from .base import MonitorError, PathCallback, check_deepspeed_gradients, is_due, log_values, restore
 
 Selection = Sequence[tuple[nn.Module, str]]
 
@@ -117,7 +118,8 @@ class PathBudgetPruning(PathCallback):
         if not names:
             raise MonitorError(f"PathBudgetPruning: {type(watched).__name__} has no Linear / Conv / ConvTranspose "
                                f"weight on its input-output paths to prune")
-        self.masks = {name: torch.ones_like(watched.get_submodule(name).weight, dtype=torch.bool) for name in names}
+        self.masks = {name: torch.ones(full_shape(watched.get_submodule(name).weight), dtype=torch.bool)
+                      for name in names}
 
     def _selected_weight_names(self, watched: nn.Module) -> Optional[list[str]]:
         if self.parameters_to_prune is None:
@@ -133,11 +135,20 @@ class PathBudgetPruning(PathCallback):
         self.last, self.last_step, self.rounds, self.rewind = {}, -1, 0, None
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if is_sharded(pl_module) or has_class_named(trainer.model, "DeepSpeedEngine"):
-            raise MonitorError("PathBudgetPruning runs on one process and under DDP; DeepSpeed and FSDP2 are not "
-                               "supported yet")
+        deepspeed = has_class_named(trainer.model, "DeepSpeedEngine")
+        if is_sharded(pl_module) and not deepspeed:
+            raise MonitorError("PathBudgetPruning runs on one process, under DDP and under DeepSpeed ZeRO-1/2/3; "
+                               "FSDP2 (DTensor parameters) is not supported")
+        if deepspeed:
+            check_deepspeed_gradients(trainer.model, "PathBudgetPruning")
+            if not self.make_permanent:
+                raise MonitorError("PathBudgetPruning(make_permanent=False) leaves torch.nn.utils.prune masks on the "
+                                   "modules, which DeepSpeed's partitioned parameters cannot carry; use "
+                                   "make_permanent=True (the checkpoint holds the zeros, the masks are in the "
+                                   "callback's state)")
         self._check_schedule_fires(trainer)
-        device = self._weight_parameters()[0][1].device  # the strategy has placed the model by now
+        self.keeper = mask_keeper(trainer.model, trainer.optimizers)
+        device = next(iter(self._weight_parameters().values())).device  # the strategy has placed the model by now
         self.masks = {name: mask.to(device) for name, mask in self.masks.items()}
         if self.rewind_to == 0 and self.rewind is None:
             self.rewind = self._weights()
@@ -160,10 +171,12 @@ class PathBudgetPruning(PathCallback):
     # -- when ----------------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: Optimizer) -> None:
+        trained = trainer.model
+        # DeepSpeed accumulates by itself and calls this hook after every micro-batch
+        if has_class_named(trained, "DeepSpeedEngine") and not trained.is_gradient_accumulation_boundary():
+            return
         if self.rounds:
-            for name, p in self._weight_parameters():
-                if p.grad is not None:
-                    p.grad.mul_(self.masks[name].to(p.grad.device))
+            self.keeper.gradients(self._weight_parameters(), self.masks)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
         step = trainer.global_step
@@ -204,7 +217,7 @@ class PathBudgetPruning(PathCallback):
         result = prune_round(tracked.graph, tracked.model, tracked.source, self.masks, self.budget, cap, self.scope)
         self.masks, self.rounds, self.last_step = result.masks, self.rounds + 1, trainer.global_step
         self._apply_to_weights()
-        self._apply_to_optimizers(trainer, reset=self.rewind is not None)
+        self._apply_to_optimizers(reset=self.rewind is not None)
         if self.rewind is not None:
             self._rewind()
         budget = (self.budget.relative_to(result.log_norm_before) if isinstance(self.budget, Certified)
@@ -230,32 +243,23 @@ class PathBudgetPruning(PathCallback):
                 logger.experiment.add_histogram("prune/layer_sparsity", sparsities, trainer.global_step)
 
     # -- masks on the weights, gradients and optimizer state -----------------------------------------------
-    def _weight_parameters(self) -> list[tuple[str, nn.Parameter]]:
+    def _weight_parameters(self) -> dict[str, nn.Parameter]:
         watched = self.tracked.model
-        return [(name, watched.get_submodule(name).weight) for name in self.masks]
+        return {name: watched.get_submodule(name).weight for name in self.masks}
 
     def _weights(self) -> dict[str, Tensor]:
-        return {name: p.detach().clone() for name, p in self._weight_parameters()}
+        return {name: value.cpu() for name, value in self.keeper.read(self._weight_parameters()).items()}
 
-    @torch.no_grad()
     def _apply_to_weights(self) -> None:
-        for name, p in self._weight_parameters():
-            p.mul_(self.masks[name].to(p.device))
+        self.keeper.weights(self._weight_parameters(), self.masks)
 
-    @torch.no_grad()
-    def _apply_to_optimizers(self, trainer: "pl.Trainer", reset: bool) -> None:
+    def _apply_to_optimizers(self, reset: bool) -> None:
         """Zero the optimizer state (Adam's moments, momentum) of pruned entries, or of every entry of the
         selected weights when they are rewound: state left there would revive a pruned weight."""
-        for optimizer in trainer.optimizers:
-            for name, p in self._weight_parameters():
-                for value in optimizer.state.get(p, {}).values():
-                    if isinstance(value, Tensor) and value.shape == p.shape:
-                        value.mul_(0 if reset else self.masks[name].to(value.device))
+        self.keeper.optimizer_state(self._weight_parameters(), self.masks, reset)
 
-    @torch.no_grad()
     def _rewind(self) -> None:
-        for name, p in self._weight_parameters():
-            p.copy_(self.rewind[name].to(p.device) * self.masks[name].to(p.device))
+        self.keeper.write(self._weight_parameters(), self.rewind, self.masks)
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathmonitor.gradients import gradient_adder
 from pathmonitor.norms import validated_q
 from pathmonitor.penalty import penalty_gradients
 
-from .base import MonitorError, PathCallback, log_values
+from .base import MonitorError, PathCallback, check_deepspeed_gradients, log_values
 
 
 class PathNormRegularizer(PathCallback):
@@ -73,7 +73,7 @@ class PathNormRegularizer(PathCallback):
                                f"{type(pl_module).__name__} has {len(trainer.optimizers)}. Add "
                                f"pathmonitor.path_norm_penalty to the loss in training_step instead.")
         if has_class_named(trainer.model, "DeepSpeedEngine"):
-            _check_deepspeed(trainer.model)
+            check_deepspeed_gradients(trainer.model, "PathNormRegularizer")
 
     def weight_at(self, step: int) -> float:
         """The weight of the penalty at optimizer step `step`."""
@@ -121,15 +121,3 @@ def _still_scaled_by(trainer: "pl.Trainer", optimizer: Optimizer) -> float:
         return float(scaler.get_scale())
     return 1.0
 
-
-def _check_deepspeed(engine: Any) -> None:
-    """Refuse the DeepSpeed set-ups where an added gradient would not reach the step, rather than let the
-    penalty silently do nothing."""
-    if not engine.managed_gradient_accumulation():
-        raise MonitorError("PathNormRegularizer needs DeepSpeed's managed gradient accumulation (the config's "
-                           "managed_gradient_accumulation: true, the default): without it the hook cannot tell the "
-                           "accumulation boundary")
-    if has_class_named(engine.optimizer, "BF16_Optimizer"):
-        raise MonitorError("PathNormRegularizer cannot add gradients under DeepSpeed's BF16_Optimizer (bf16 without "
-                           "ZeRO, or with an fp32 grad_accum_dtype): it keeps them where safe_set_full_grad does not "
-                           "write. Use ZeRO stage 1, 2 or 3 with bf16 gradients accumulated in bf16.")

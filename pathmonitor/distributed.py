@@ -34,6 +34,11 @@ def is_zero3_parameter(t: Tensor) -> bool:
     return "ds_id" in vars(t)  # DeepSpeed sets it as an attribute; hasattr would raise and catch on every miss
 
 
+def full_shape(t: Tensor) -> torch.Size:
+    """The shape of the whole parameter, also when this rank holds an empty ZeRO-3 partition of it."""
+    return t.ds_shape if is_zero3_parameter(t) else t.shape
+
+
 def has_class_named(obj: object, name: str) -> bool:
     """Whether `obj` is an instance of a class called `name`: a test that imports nothing."""
     return any(cls.__name__ == name for cls in type(obj).__mro__)

@@ -167,11 +167,11 @@ class _Named:
 @pytest.mark.parametrize("managed,optimizer,problem", [(False, "DeepSpeedZeroOptimizer", "managed"),
                                                         (True, "BF16_Optimizer", "BF16_Optimizer")])
 def test_deepspeed_set_ups_where_the_gradient_would_be_lost_are_refused(managed, optimizer, problem):
-    from pathmonitor.callbacks.regularizer import _check_deepspeed
+    from pathmonitor.callbacks.base import check_deepspeed_gradients
 
     engine = _Named("DeepSpeedEngine", optimizer=_Named(optimizer), managed_gradient_accumulation=lambda: managed)
     with pytest.raises(MonitorError, match=problem):
-        _check_deepspeed(engine)
+        check_deepspeed_gradients(engine, "PathNormRegularizer")
 
 
 # -- one optimizer step with the regularizer alone, on every strategy ------------------------------------

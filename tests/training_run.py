@@ -1,10 +1,12 @@
-"""A short digits training run with the three monitors, for the end-to-end tests.
+"""A short digits training run with the three monitors and budgeted pruning, for the end-to-end tests.
 
 Run as a script (Lightning's DDP and DeepSpeed launchers start the other ranks by running it again):
     python tests/training_run.py STRATEGY OUT_DIR [--max-steps N] [--stop-at N] [--resume CKPT]
 STRATEGY is one of single, ddp, zero1, zero2, zero3, fsdp2 (2 CPU processes for all but single).
-Every rank writes OUT_DIR/rank{r}.json with the monitors' float64 values and how many parameters it
-held only a part of at every step. TensorBoard event files go to OUT_DIR/tb, checkpoints (one per
+Every rank writes OUT_DIR/rank{r}.json with the monitors' float64 values, every pruning round's values
+and how many parameters it held only a part of at every step, and its pruning masks to OUT_DIR/masks{r}.pt.
+Pruning (Adam; rounds at steps 6 and 12, rewinding the survivors to step 2) runs on every strategy but
+FSDP2, which it does not support. TensorBoard event files go to OUT_DIR/tb, checkpoints (one per
 epoch and one at the end) to OUT_DIR/ckpt.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pathmonitor.callbacks import GeneralizationBoundMonitor, PathMetricDrift, PathNormMonitor
+from pathmonitor.callbacks import GeneralizationBoundMonitor, PathBudgetPruning, PathMetricDrift, PathNormMonitor
 from pathmonitor.callbacks.digits import DigitsData, DigitsNet
 
 EVERY = 4  # monitor cadence in steps
@@ -83,6 +85,38 @@ class ShardingProbe(Callback):
                              len(params)))
 
 
+class PruningRounds(Callback):
+    """Every pruning round's logged values, with its step."""
+
+    def __init__(self, pruning: PathBudgetPruning) -> None:
+        self.pruning, self.rounds = pruning, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if self.pruning.last_step == trainer.global_step and trainer.global_step > 0:
+            self.rounds.append(dict(self.pruning.last, step=trainer.global_step))
+
+
+class PrunedStateProbe(Callback):
+    """At the end of training, counts the optimizer-state entries (Adam's moments) at pruned positions that
+    are not zero, read through DeepSpeed's own full-state accessor under DeepSpeed (a collective)."""
+
+    def __init__(self, pruning: PathBudgetPruning) -> None:
+        self.pruning, self.nonzero = pruning, None
+
+    def on_train_end(self, trainer, pl_module, *args) -> None:
+        self.nonzero = 0
+        for name, mask in self.pruning.masks.items():
+            p = pl_module.net.get_submodule(name).weight
+            for key in ("exp_avg", "exp_avg_sq"):
+                if type(trainer.model).__name__ == "DeepSpeedEngine":
+                    from deepspeed.utils import safe_get_full_optimizer_state
+
+                    value = safe_get_full_optimizer_state(p, key)
+                else:
+                    value = trainer.optimizers[0].state[p][key]
+                self.nonzero += int((value.reshape(mask.shape)[~mask.to(value.device)] != 0).sum())
+
+
 class StopAt(Callback):
     """Kills the process as the first batch after step `step` starts: the checkpoint written at the end
     of the previous epoch is all a resumed run gets."""
@@ -115,8 +149,13 @@ def main() -> None:
                 PathMetricDrift(reference="init", every_n_steps=EVERY),
                 PathMetricDrift(reference="last_checkpoint", prefix="pathmetric_checkpoint"),
                 GeneralizationBoundMonitor()]
+    extra: list[Callback] = [StopAt(args.stop_at)] if args.stop_at else []
     probe = ShardingProbe()
-    extra = [StopAt(args.stop_at)] if args.stop_at else []
+    pruning = (PathBudgetPruning(budget=0.3, every_n_steps=6, end=12, target_sparsity=0.5, rewind_to=2, module="net")
+               if args.strategy != "fsdp2" else None)
+    rounds = PruningRounds(pruning) if pruning else None
+    state_probe = PrunedStateProbe(pruning) if pruning else None
+    extra += [pruning, rounds, state_probe] if pruning else []
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=args.max_steps, default_root_dir=str(out),
         logger=TensorBoardLogger(str(out), name="tb", version=0),
@@ -127,7 +166,11 @@ def main() -> None:
     trainer.save_checkpoint(str(out / "ckpt" / "final.ckpt"))  # collective: every rank
     result = {"norm": monitors[0].last, "drift_init": monitors[1].last, "drift_checkpoint": monitors[2].last,
               "bound": monitors[3].last, "n_samples": monitors[3].n_samples, "input_bound": monitors[3].input_bound,
-              "sharded": probe.sharded, "global_step": trainer.global_step}
+              "sharded": probe.sharded, "global_step": trainer.global_step,
+              "pruning_rounds": rounds.rounds if rounds else [],
+              "pruned_state_nonzero": state_probe.nonzero if state_probe else None}
+    if pruning:
+        torch.save({name: mask.cpu() for name, mask in pruning.masks.items()}, out / f"masks{trainer.global_rank}.pt")
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 

@@ -1,0 +1,197 @@
+"""Pruning masks kept in force everywhere a training step reads a weight (DESIGN.md layer 4).
+
+A pruned entry stays exactly zero only if it is zero in the live weight, in the optimizer's master copy
+(which DeepSpeed copies back into the live weight after every step), in the gradient the step reads, and
+in the optimizer state: Adam's moments would otherwise move it again. Where those live:
+- one process, DDP: the parameter itself, `p.grad` and `optimizer.state[p]`;
+- DeepSpeed ZeRO-1/2: full live weights on every rank, while each rank owns one fragment of the fp32
+  master copy, of the reduced gradient and of the optimizer state (`p._hp_mapping`);
+- DeepSpeed ZeRO-3: each rank owns entries [r*c, (r+1)*c) of the flattened parameter (c =
+  `p.ds_tensor.numel()`) in the live partition, the master copy, the gradient and the state.
+Every rank masks what it owns, so enforcing a mask needs no collective; reading or writing whole weights
+(for rewinding) does. `mask_keeper(trained)` picks the right keeper for the model as the strategy wraps it.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .distributed import has_class_named, is_zero3_parameter
+
+Masks = Mapping[str, Tensor]  # {name: bool mask of the weight's shape, True = kept}
+Weights = Mapping[str, nn.Parameter]
+
+
+class MaskKeeper(Protocol):
+    def weights(self, weights: Weights, masks: Masks) -> None:
+        """Zero the pruned entries of the live weights and of the master copy."""
+
+    def gradients(self, weights: Weights, masks: Masks) -> None:
+        """Zero the pruned entries of the gradients the next optimizer step reads."""
+
+    def optimizer_state(self, weights: Weights, masks: Masks, reset: bool) -> None:
+        """Zero the optimizer state of the pruned entries (of every entry with `reset`)."""
+
+    def read(self, weights: Weights) -> dict[str, Tensor]:
+        """Full copies of the weights, as the optimizer holds them (a collective under DeepSpeed)."""
+
+    def write(self, weights: Weights, values: Mapping[str, Tensor], masks: Masks) -> None:
+        """Set the weights to `values` times the masks, live and master copy."""
+
+
+def mask_keeper(trained: nn.Module, optimizers: Iterable[Optimizer]) -> MaskKeeper:
+    """The keeper for `trained`, the model as the strategy wraps it, trained by `optimizers`."""
+    if has_class_named(trained, "DeepSpeedEngine"):
+        return DeepSpeedMaskKeeper()
+    return PlainMaskKeeper(list(optimizers))
+
+
+class PlainMaskKeeper:
+    """Parameters held in full (one process, DDP), with their gradients and optimizer state."""
+
+    def __init__(self, optimizers: list[Optimizer]):
+        self.optimizers = optimizers
+
+    @torch.no_grad()
+    def weights(self, weights: Weights, masks: Masks) -> None:
+        for name, p in weights.items():
+            p.mul_(masks[name].to(p.device))
+
+    @torch.no_grad()
+    def gradients(self, weights: Weights, masks: Masks) -> None:
+        for name, p in weights.items():
+            if p.grad is not None:
+                p.grad.mul_(masks[name].to(p.grad.device))
+
+    @torch.no_grad()
+    def optimizer_state(self, weights: Weights, masks: Masks, reset: bool) -> None:
+        for optimizer in self.optimizers:
+            for name, p in weights.items():
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        value.mul_(0 if reset else masks[name].to(value.device))
+
+    def read(self, weights: Weights) -> dict[str, Tensor]:
+        return {name: p.detach().clone() for name, p in weights.items()}
+
+    @torch.no_grad()
+    def write(self, weights: Weights, values: Mapping[str, Tensor], masks: Masks) -> None:
+        for name, p in weights.items():
+            p.copy_(values[name].to(p.device) * masks[name].to(p.device))
+
+
+class DeepSpeedMaskKeeper:
+    """DeepSpeed ZeRO-1/2/3: each rank masks the fragments of the master copy, gradient and optimizer
+    state it owns (and, under ZeRO-3, its partition of the live weight); ZeRO-1/2 live weights are full
+    on every rank. ZeRO-3's pieces are read and written back through DeepSpeed's local accessors, which
+    copy when the optimizer is offloaded; ZeRO-1/2 fragments are views into its flat buffers."""
+
+    @torch.no_grad()
+    def weights(self, weights: Weights, masks: Masks) -> None:
+        for name, p in weights.items():
+            if is_zero3_parameter(p):
+                from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+                piece = _zero3_piece(p, masks[name])
+                p.ds_tensor.mul_(piece.to(p.ds_tensor.device))
+                _mask_through(safe_get_local_fp32_param(p), lambda v: safe_set_local_fp32_param(p, v), piece)
+            else:
+                p.data.mul_(masks[name].to(p.device))
+                if _owns_fragment(p):
+                    p._hp_mapping.get_hp_fragment().mul_(_fragment_of(p, masks[name]).to(p.device))
+
+    @torch.no_grad()
+    def gradients(self, weights: Weights, masks: Masks) -> None:
+        for name, p in weights.items():
+            if p.grad is not None:  # where DeepSpeed's own safe_get_full_grad looks first
+                p.grad.mul_(masks[name].to(p.grad.device))
+            elif is_zero3_parameter(p):
+                from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+                _mask_through(safe_get_local_grad(p), lambda v: safe_set_local_grad(p, v), _zero3_piece(p, masks[name]))
+            elif _owns_fragment(p):
+                grad = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+                # BF16 keeps a full accumulation buffer per rank, the ZeRO optimizers only the fragment
+                mask = masks[name] if grad.numel() == p.numel() else _fragment_of(p, masks[name])
+                grad.mul_(mask.reshape(grad.shape).to(grad.device))
+
+    @torch.no_grad()
+    def optimizer_state(self, weights: Weights, masks: Masks, reset: bool) -> None:
+        for name, p in weights.items():
+            if is_zero3_parameter(p):
+                from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_optimizer_state
+
+                keep = _zero3_piece(p, masks[name]) if not reset else torch.zeros(p.ds_tensor.numel(), dtype=torch.bool)
+                for key in _zero3_state_keys(p):
+                    _mask_through(safe_get_local_optimizer_state(p, key),
+                                  lambda v, key=key: safe_set_local_optimizer_state(p, v, key), keep)
+            elif _owns_fragment(p):
+                keep = _fragment_of(p, masks[name])
+                for state in (p._hp_mapping.optim_fragment or {}).values():  # None until a first step made one
+                    state.mul_(0 if reset else keep.to(state.device))
+
+    def read(self, weights: Weights) -> dict[str, Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in weights.items()}
+
+    @torch.no_grad()
+    def write(self, weights: Weights, values: Mapping[str, Tensor], masks: Masks) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        for name, p in weights.items():
+            value = values[name].to(torch.float32) * masks[name].to(values[name].device)
+            if is_zero3_parameter(p):
+                # the full setter narrows an unpadded value: it fails on the last rank for odd sizes
+                piece = _zero3_piece(p, value)
+                safe_set_local_fp32_param(p, piece)
+                p.ds_tensor.copy_(piece)
+            else:
+                safe_set_full_fp32_param(p, value)
+                p.data.copy_(value.to(p.device, p.dtype))
+
+
+def _mask_through(value: Tensor | None, write, keep: Tensor) -> None:
+    if value is not None:
+        write(value * keep.to(value.device, value.dtype))
+
+
+def _owns_fragment(p: nn.Parameter) -> bool:
+    """Whether this rank owns a ZeRO-1/2 fragment of `p` (its master copy, gradient and state)."""
+    return getattr(p, "_hp_mapping", None) is not None
+
+
+def _zero3_piece(p: nn.Parameter, full: Tensor) -> Tensor:
+    """The entries of `full` (the parameter's shape) that this rank's ZeRO-3 partition holds."""
+    size = p.ds_tensor.numel()
+    rank = dist.get_rank(group=p.ds_process_group)
+    return _padded(p, full)[rank * size:(rank + 1) * size]
+
+
+def _padded(p: nn.Parameter, full: Tensor) -> Tensor:
+    """`full` flattened and padded with zeros to world x partition, as ZeRO-3 lays a parameter out."""
+    world_size = dist.get_world_size(group=p.ds_process_group)
+    padded = full.new_zeros(p.ds_tensor.numel() * world_size)
+    padded[:full.numel()] = full.reshape(-1)
+    return padded
+
+
+def _fragment_of(p: nn.Parameter, full: Tensor) -> Tensor:
+    """The entries of `full` in this rank's ZeRO-1/2 fragment of the parameter."""
+    address = p._hp_mapping.lp_fragment_address
+    return full.reshape(-1)[address.start:address.start + address.numel]
+
+
+def _zero3_state_keys(p: nn.Parameter) -> list[str]:
+    """The per-entry optimizer state keys (Adam's exp_avg, exp_avg_sq, ...) of the ZeRO-3 optimizer."""
+    optimizer = p._z3_optimizer
+    keys: dict[str, None] = {}
+    for flat in optimizer.fp32_partitioned_groups_flat:
+        for key, value in optimizer.optimizer.state.get(flat, {}).items():
+            if isinstance(value, Tensor) and value.shape == flat.shape:
+                keys[key] = None
+    return list(keys)
