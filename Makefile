@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/pathmonitor fit --config configs/digits.yaml
+	$(VENV)/bin/pathmonitor demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider tests

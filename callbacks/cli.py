@@ -1,15 +1,24 @@
 """The `pathmonitor` command: `pathmonitor fit --config configs/digits.yaml` trains with LightningCLI
-(configs stack: `--config a.yaml --config b.yaml`); `pathmonitor certify-demo` prints path-norms of
-torchvision models and certifies a pruning and quantizations of ResNet-18."""
+(configs stack: `--config a.yaml --config b.yaml`); `pathmonitor demo` trains the demo config next to its
+dense twin (the same run without the regularizer and the pruning) and compares them; `pathmonitor
+certify-demo` prints path-norms of torchvision models and certifies a pruning and quantizations of ResNet-18."""
 from __future__ import annotations
 
+import argparse
 import sys
+import tempfile
+from pathlib import Path
 from typing import Optional, Sequence
 
 import pytorch_lightning as pl
+import yaml
 from pytorch_lightning.cli import LightningCLI
 
 from .base import PathCallback
+
+DEMO_CONFIG = Path("configs") / "digits.yaml"
+# what the dense twin leaves out: the callbacks that change the weights
+_TRAINING_CALLBACKS = ("pathmonitor.callbacks.PathNormRegularizer", "pathmonitor.callbacks.PathBudgetPruning")
 
 
 def run_summary(trainer: "pl.Trainer") -> str:
@@ -34,12 +43,74 @@ class PathMonitorCLI(LightningCLI):
             print(run_summary(self.trainer))
 
 
+def fit(argv: Sequence[str]) -> "pl.Trainer":
+    """`pathmonitor fit ARGV` in this process; the trainer after the run."""
+    cli = PathMonitorCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
+                         subclass_mode_data=True, args=["fit", *argv], save_config_kwargs={"overwrite": True})
+    return cli.trainer
+
+
+def dense_twin(config: dict) -> dict:
+    """The same run without the callbacks that change the weights, logged under `<name>_dense`."""
+    trainer = dict(config.get("trainer") or {})
+    trainer["callbacks"] = [c for c in trainer.get("callbacks") or []
+                            if not (isinstance(c, dict) and c.get("class_path") in _TRAINING_CALLBACKS)]
+    logger = trainer.get("logger")
+    if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+        init_args = dict(logger["init_args"])
+        init_args["name"] = f"{init_args.get('name') or 'lightning_logs'}_dense"
+        trainer["logger"] = {**logger, "init_args": init_args}
+    return {**config, "trainer": trainer}
+
+
+def comparison(dense: "pl.Trainer", trained: "pl.Trainer") -> str:
+    """Validation accuracy, sparsity and L1 path-norm of the demo run next to its dense twin's."""
+    def values(trainer: "pl.Trainer") -> dict[str, str]:
+        found = {"val_acc": f"{float(trainer.callback_metrics['val_acc']):.2%}"
+                 if "val_acc" in trainer.callback_metrics else "-", "sparsity": "0.00%", "log10 L1 path-norm": "-"}
+        for callback in trainer.callbacks:
+            last = getattr(callback, "last", None) or {}
+            if "prune/sparsity" in last:
+                found["sparsity"] = f"{last['prune/sparsity']:.2%}"
+            if "pathnorm/log10_l1" in last:
+                found["log10 L1 path-norm"] = f"{last['pathnorm/log10_l1']:.2f}"
+        return found
+
+    left, right = values(dense), values(trained)
+    lines = [f"{'':<22}{'dense':>12}{'demo run':>12}"]
+    lines += [f"{key:<22}{left[key]:>12}{right[key]:>12}" for key in left]
+    return "\n".join(lines)
+
+
+def demo(argv: Sequence[str]) -> None:
+    """`pathmonitor demo [--config CONFIG] [fit options]`: train CONFIG (default configs/digits.yaml) and
+    its dense twin, the fit options applying to both, then compare them."""
+    parser = argparse.ArgumentParser(prog="pathmonitor demo")
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    known, rest = parser.parse_known_args(argv)
+    path: Path = known.config
+    if not path.is_file():
+        raise SystemExit(f"pathmonitor demo: {path} not found (run it from the repository root, or pass --config)")
+    config = yaml.safe_load(path.read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        twin = Path(scratch) / f"{path.stem}_dense.yaml"
+        twin.write_text(yaml.safe_dump(dense_twin(config)))
+        dense = fit(["--config", str(twin), *rest])
+    trained = fit(["--config", str(path), *rest])
+    if trained.is_global_zero:
+        print(f"\n{path} next to its dense twin (the same run without the regularizer and the pruning):")
+        print(comparison(dense, trained))
+
+
 def main(args: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["certify-demo"]:
         from pathmonitor.demo import main as certify_demo
 
         certify_demo()
+        return
+    if argv[:1] == ["demo"]:
+        demo(argv[1:])
         return
     PathMonitorCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                    args=argv, save_config_kwargs={"overwrite": True})

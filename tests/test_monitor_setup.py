@@ -306,10 +306,17 @@ def test_a_real_tensorboard_server_serves_the_tags_and_the_bound_chart(tmp_path)
         server.wait(timeout=30)
 
 
-def test_pathmonitor_fit_runs_the_demo_config(tmp_path):
-    command = [str(Path(sys.executable).parent / "pathmonitor"), "fit",
+def test_pathmonitor_demo_trains_the_demo_config_next_to_its_dense_twin(tmp_path):
+    command = [str(Path(sys.executable).parent / "pathmonitor"), "demo",
                "--config", str(REPO / "configs" / "digits.yaml"), "--trainer.max_epochs", "1"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "pathnorm/l1" in done.stdout and "tensorboard --logdir runs" in done.stdout
-    assert list((tmp_path / "runs" / "digits" / "version_0").glob("events.out.tfevents.*"))
+    assert "prune/sparsity" in done.stdout and "regularizer/penalty" in done.stdout
+    table = done.stdout[done.stdout.index("next to its dense twin"):].splitlines()
+    sparsity = next(line for line in table if line.startswith("sparsity")).split()
+    assert sparsity[1] == "0.00%" and float(sparsity[2].rstrip("%")) > 10
+    for name in ("digits", "digits_dense"):
+        assert list((tmp_path / "runs" / name / "version_0").glob("events.out.tfevents.*")), name
+    dense_config = (tmp_path / "runs" / "digits_dense" / "version_0" / "config.yaml").read_text()
+    assert "PathNormMonitor" in dense_config and "PathBudgetPruning" not in dense_config
