@@ -26,6 +26,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/quantities_speed.py --models resnet18 resnet50
 	$(PY) benchmarks/monitor_overhead.py
 	$(PY) benchmarks/regularizer_overhead.py
+	$(PY) benchmarks/pruning_digits.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

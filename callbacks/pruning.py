@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from pathmonitor.bounds import check_number
 from pathmonitor.distributed import full_shape, has_class_named, is_sharded
-from pathmonitor.masking import mask_keeper
+from pathmonitor.masking import MaskKeeper, mask_keeper
 from pathmonitor.pruning import Budget, Certified, Ramp, Scope, check_budget, prune_round, ramped_sparsity
 from pathmonitor.scores import selected_modules
 
@@ -99,6 +99,7 @@ class PathBudgetPruning(PathCallback):
         self.last: dict[str, float] = {}
         self.last_step = -1
         self.rounds = 0
+        self.keeper: Optional[MaskKeeper] = None
 
     @property
     def state_key(self) -> str:
@@ -158,15 +159,14 @@ class PathBudgetPruning(PathCallback):
             return
         every, unit = ((self.every_n_steps, "step") if self.every_n_steps is not None
                        else (self.every_n_epochs, "epoch"))
-        trainer_limit = trainer.estimated_stepping_batches if unit == "step" else trainer.max_epochs
-        limits = [x for x in (self.end, trainer_limit)
+        limits = [x for x in (self.end, *_trainer_limits(trainer, unit))
                   if x is not None and x >= 0 and math.isfinite(x)]  # the trainer's -1 (or inf) means no limit
         last = min(limits) if limits else None
         first = every * max(1, math.ceil(self.start / every))
         if last is not None and first > last:
             raise MonitorError(f"PathBudgetPruning would never prune: the first {unit} that is a multiple of {every} "
                                f"and at least start={self.start} is {first}, past the last {unit} {last} (end or the "
-                               f"trainer's max_{unit}s)")
+                               f"trainer's max_steps / max_epochs)")
 
     # -- when ----------------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
@@ -275,3 +275,15 @@ class PathBudgetPruning(PathCallback):
                 raise MonitorError(f"PathBudgetPruning: the checkpoint's masks are for {sorted(saved)}, this model "
                                    f"prunes {sorted(self.masks)}")
             self.masks = {name: mask.clone() for name, mask in saved.items()}
+
+
+def _trainer_limits(trainer: "pl.Trainer", unit: str) -> list[float]:
+    """The last step, or the last epoch (its end counts, also when max_steps cuts it short), the trainer
+    will reach; inf or -1 where it does not say."""
+    steps = trainer.estimated_stepping_batches
+    if unit == "step":
+        return [steps]
+    trainer.fit_loop.setup_data()  # what fit does right after this hook (and only once): the batches per epoch
+    per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
+    by_steps = math.ceil(steps / per_epoch) if math.isfinite(steps) and math.isfinite(per_epoch) and per_epoch else -1
+    return [trainer.max_epochs if trainer.max_epochs is not None else -1, by_steps]

@@ -102,7 +102,8 @@ class DeepSpeedMaskKeeper:
             else:
                 p.data.mul_(masks[name].to(p.device))
                 if _owns_fragment(p):
-                    p._hp_mapping.get_hp_fragment().mul_(_fragment_of(p, masks[name]).to(p.device))
+                    master = p._hp_mapping.get_hp_fragment()
+                    master.mul_(_fragment_of(p, masks[name]).to(master.device))
 
     @torch.no_grad()
     def gradients(self, weights: Weights, masks: Masks) -> None:
@@ -137,7 +138,14 @@ class DeepSpeedMaskKeeper:
     def read(self, weights: Weights) -> dict[str, Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in weights.items()}
+        values = {}
+        for name, p in weights.items():
+            value = safe_get_full_fp32_param(p)
+            if value is None:
+                raise ValueError(f"DeepSpeed keeps no fp32 master copy of {name}.weight (frozen, or not handed to "
+                                 f"the optimizer), so it cannot be read back whole")
+            values[name] = value.detach().clone()
+        return values
 
     @torch.no_grad()
     def write(self, weights: Weights, values: Mapping[str, Tensor], masks: Masks) -> None:

@@ -139,6 +139,7 @@ def test_bad_arguments_are_refused_at_construction(make_callback, problem):
     (lambda: PathBudgetPruning(parameters_to_prune=[(nn.Linear(2, 2), "weight")]), "not in the watched model"),
     (lambda: PathBudgetPruning(every_n_steps=100), "never prune"),
     (lambda: PathBudgetPruning(every_n_steps=3, start=5, end=5), "never prune"),
+    (lambda: PathBudgetPruning(every_n_epochs=3), "never prune"),  # max_steps=10 ends the 2nd epoch
 ])
 def test_bad_input_fails_before_the_first_step(tmp_path, make_callback, problem):
     counter = CountSteps()

@@ -151,3 +151,20 @@ def test_scores_on_random_dags(seed):
             drop = base - float(pm.path_norm(net, shape))
             params[name].view(-1)[i] = original
             assert float(score.view(-1)[i]) == pytest.approx(drop, rel=1e-6, abs=1e-11 * base), name
+
+
+def test_scores_plug_into_torch_prune_global_unstructured_as_importance_scores():
+    """The README's recipe for users who keep torch.nn.utils.prune / Lightning's ModelPruning."""
+    from torch.nn.utils import prune
+
+    net, shape = make("residual_concat", 0)
+    scores = pm.path_magnitude_scores(net, shape)
+    parameters = [(net.get_submodule(name.rpartition(".")[0]), "weight") for name in scores]
+    prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=0.5,
+                              importance_scores={p: scores[name] for p, name in zip(parameters, scores)})
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    cut = flat.sort().values[int(0.5 * flat.numel()) - 1]  # the largest score removed
+    for (module, _), name in zip(parameters, scores):
+        removed = module.weight_mask == 0
+        assert torch.all(scores[name][removed] <= cut) and torch.all(scores[name][~removed] >= cut), name
+    assert sum(int((m.weight_mask == 0).sum()) for m, _ in parameters) == int(0.5 * flat.numel())
