@@ -5,6 +5,7 @@ certify-demo` prints path-norms of torchvision models and certifies a pruning an
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
 from pathlib import Path
@@ -17,8 +18,6 @@ from pytorch_lightning.cli import LightningCLI
 from .base import PathCallback
 
 DEMO_CONFIG = Path("configs") / "digits.yaml"
-# what the dense twin leaves out: the callbacks that change the weights
-_TRAINING_CALLBACKS = ("pathmonitor.callbacks.PathNormRegularizer", "pathmonitor.callbacks.PathBudgetPruning")
 
 
 def run_summary(trainer: "pl.Trainer") -> str:
@@ -50,17 +49,34 @@ def fit(argv: Sequence[str]) -> "pl.Trainer":
     return cli.trainer
 
 
+def changes_weights(entry: object) -> bool:
+    """Whether a callback entry of a config is a PathNormRegularizer or PathBudgetPruning (or a subclass),
+    however its class_path is spelled (full path, or the bare name LightningCLI also accepts)."""
+    from .pruning import PathBudgetPruning
+    from .regularizer import PathNormRegularizer
+
+    class_path = entry.get("class_path") if isinstance(entry, dict) else None
+    if not isinstance(class_path, str):
+        return False
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "pathmonitor.callbacks"), name)
+    except (ImportError, AttributeError, ValueError):
+        return False  # not ours; LightningCLI will say what is wrong with it
+    return isinstance(cls, type) and issubclass(cls, (PathNormRegularizer, PathBudgetPruning))
+
+
 def dense_twin(config: dict) -> dict:
-    """The same run without the callbacks that change the weights, logged under `<name>_dense`."""
+    """The same config without the callbacks that change the weights, its logger's run named `<name>_dense`."""
     trainer = dict(config.get("trainer") or {})
-    trainer["callbacks"] = [c for c in trainer.get("callbacks") or []
-                            if not (isinstance(c, dict) and c.get("class_path") in _TRAINING_CALLBACKS)]
+    if "callbacks" in trainer:
+        trainer["callbacks"] = [c for c in trainer["callbacks"] or [] if not changes_weights(c)]
     logger = trainer.get("logger")
-    if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
-        init_args = dict(logger["init_args"])
+    if isinstance(logger, dict):
+        init_args = dict(logger.get("init_args") or {})
         init_args["name"] = f"{init_args.get('name') or 'lightning_logs'}_dense"
         trainer["logger"] = {**logger, "init_args": init_args}
-    return {**config, "trainer": trainer}
+    return {**config, "trainer": trainer} if trainer or "trainer" in config else dict(config)
 
 
 def comparison(dense: "pl.Trainer", trained: "pl.Trainer") -> str:
@@ -83,22 +99,32 @@ def comparison(dense: "pl.Trainer", trained: "pl.Trainer") -> str:
 
 
 def demo(argv: Sequence[str]) -> None:
-    """`pathmonitor demo [--config CONFIG] [fit options]`: train CONFIG (default configs/digits.yaml) and
-    its dense twin, the fit options applying to both, then compare them."""
+    """`pathmonitor demo [--config CONFIG ...] [fit options]`: train the configs (default
+    configs/digits.yaml; several stack as with `fit`) and their dense twin, the fit options applying to
+    both, then compare them."""
     parser = argparse.ArgumentParser(prog="pathmonitor demo")
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    parser.add_argument("--config", type=Path, action="append")
     known, rest = parser.parse_known_args(argv)
-    path: Path = known.config
-    if not path.is_file():
-        raise SystemExit(f"pathmonitor demo: {path} not found (run it from the repository root, or pass --config)")
-    config = yaml.safe_load(path.read_text())
+    paths: list[Path] = known.config or [DEMO_CONFIG]
+    configs = []
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"pathmonitor demo: {path} not found (run it from the repository root, or pass --config)")
+        config = yaml.safe_load(path.read_text())
+        if not isinstance(config, dict):
+            raise SystemExit(f"pathmonitor demo: {path} is not a LightningCLI config (a YAML mapping)")
+        configs.append(config)
     with tempfile.TemporaryDirectory() as scratch:
-        twin = Path(scratch) / f"{path.stem}_dense.yaml"
-        twin.write_text(yaml.safe_dump(dense_twin(config)))
-        dense = fit(["--config", str(twin), *rest])
-    trained = fit(["--config", str(path), *rest])
+        twins = []
+        for position, (path, config) in enumerate(zip(paths, configs)):
+            twin = Path(scratch) / f"{position}_{path.stem}_dense.yaml"
+            twin.write_text(yaml.safe_dump(dense_twin(config)))
+            twins += ["--config", str(twin)]
+        dense = fit([*twins, *rest])
+    trained = fit([*(arg for path in paths for arg in ("--config", str(path))), *rest])
     if trained.is_global_zero:
-        print(f"\n{path} next to its dense twin (the same run without the regularizer and the pruning):")
+        print(f"\n{' + '.join(map(str, paths))} next to its dense twin (the same run without the regularizer and "
+              f"the pruning):")
         print(comparison(dense, trained))
 
 

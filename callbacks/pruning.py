@@ -148,7 +148,10 @@ class PathBudgetPruning(PathCallback):
                                    "make_permanent=True (the checkpoint holds the zeros, the masks are in the "
                                    "callback's state)")
         self._check_schedule_fires(trainer)
-        self.keeper = mask_keeper(trainer.model, trainer.optimizers)
+        try:
+            self.keeper = mask_keeper(trainer.model, trainer.optimizers)
+        except ValueError as error:
+            raise MonitorError(f"PathBudgetPruning: {error}") from None
         device = next(iter(self._weight_parameters().values())).device  # the strategy has placed the model by now
         self.masks = {name: mask.to(device) for name, mask in self.masks.items()}
         if self.rewind_to == 0 and self.rewind is None:
@@ -284,6 +287,9 @@ def _trainer_limits(trainer: "pl.Trainer", unit: str) -> list[float]:
     if unit == "step":
         return [steps]
     trainer.fit_loop.setup_data()  # what fit does right after this hook (and only once): the batches per epoch
-    per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
-    by_steps = math.ceil(steps / per_epoch) if math.isfinite(steps) and math.isfinite(per_epoch) and per_epoch else -1
+    batches = trainer.num_training_batches
+    by_steps = -1
+    if math.isfinite(steps) and math.isfinite(batches) and batches:
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)  # the last batch of an epoch steps too
+        by_steps = math.ceil(steps / per_epoch)
     return [trainer.max_epochs if trainer.max_epochs is not None else -1, by_steps]

@@ -49,7 +49,7 @@ class PathNormRegularizer(PathCallback):
         self.q = validated_q(q)
         if not isinstance(log, bool):
             raise TypeError(f"log must be True (penalize log ||Phi||_q) or False (||Phi||_q), got {log!r}")
-        self.log = log
+        self.use_log = log  # not `self.log`: Lightning overwrites every callback's `log` with the module's method
         check_number("every_n_steps", every_n_steps, integer=True)
         self.every_n_steps = every_n_steps
         check_number("warmup_steps", warmup_steps, integer=True, strict=False)
@@ -61,7 +61,7 @@ class PathNormRegularizer(PathCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(q=self.q, log=self.log, module=self.module)
+        return self._generate_state_key(q=self.q, log=self.use_log, module=self.module)
 
     def start_fit(self) -> None:
         self.last = {}
@@ -102,7 +102,7 @@ class PathNormRegularizer(PathCallback):
             tracked = self.tracked
             factor = weight * self.every_n_steps * _still_scaled_by(trainer, optimizer)
             values["regularizer/penalty"] = penalty_gradients(tracked.graph, tracked.model, tracked.source, self.q,
-                                                              self.log, gradient_adder(trained, factor))
+                                                              self.use_log, gradient_adder(trained, factor))
         self.last = values
         log_values(trainer, values)
 

@@ -44,10 +44,23 @@ class MaskKeeper(Protocol):
 
 
 def mask_keeper(trained: nn.Module, optimizers: Iterable[Optimizer]) -> MaskKeeper:
-    """The keeper for `trained`, the model as the strategy wraps it, trained by `optimizers`."""
+    """The keeper for `trained`, the model as the strategy wraps it, trained by `optimizers`. Raises
+    ValueError for the DeepSpeed set-ups whose copies it cannot reach."""
     if has_class_named(trained, "DeepSpeedEngine"):
-        return DeepSpeedMaskKeeper()
+        check_deepspeed(trained)
+        return DeepSpeedMaskKeeper(trained.optimizer)
     return PlainMaskKeeper(list(optimizers))
+
+
+def check_deepspeed(engine) -> None:
+    """ZeRO stages 1 to 3 only: stage 0 keeps an fp16 master copy (or torch's own optimizer) out of the
+    fragments' reach, and round-robin gradient partitioning orders the flat buffers differently from
+    the fragment addresses."""
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        raise ValueError("masks are kept under DeepSpeed ZeRO stages 1, 2 and 3; this engine runs stage 0")
+    if getattr(engine.optimizer, "round_robin_gradients", False):
+        raise ValueError("masks cannot be kept with DeepSpeed's round_robin_gradients: set it to false")
 
 
 class PlainMaskKeeper:
@@ -86,9 +99,13 @@ class PlainMaskKeeper:
 
 class DeepSpeedMaskKeeper:
     """DeepSpeed ZeRO-1/2/3: each rank masks the fragments of the master copy, gradient and optimizer
-    state it owns (and, under ZeRO-3, its partition of the live weight); ZeRO-1/2 live weights are full
-    on every rank. ZeRO-3's pieces are read and written back through DeepSpeed's local accessors, which
-    copy when the optimizer is offloaded; ZeRO-1/2 fragments are views into its flat buffers."""
+    state it owns (and, under ZeRO-3, its partition of the live weight, plus the full data of parameters
+    DeepSpeed keeps gathered); ZeRO-1/2 live weights are full on every rank. ZeRO-3's pieces are read and
+    written back through DeepSpeed's local accessors, which copy when the optimizer is offloaded; ZeRO-1/2
+    fragments are views into its flat buffers."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer  # DeepSpeed's ZeRO optimizer
 
     @torch.no_grad()
     def weights(self, weights: Weights, masks: Masks) -> None:
@@ -97,10 +114,11 @@ class DeepSpeedMaskKeeper:
                 from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
                 piece = _zero3_piece(p, masks[name])
-                p.ds_tensor.mul_(piece.to(p.ds_tensor.device))
+                _edit_zero3_live(p, lambda part: part.mul_(piece.to(part.device)), lambda whole: whole.mul_(
+                    masks[name].to(whole.device)))
                 _mask_through(safe_get_local_fp32_param(p), lambda v: safe_set_local_fp32_param(p, v), piece)
             else:
-                p.data.mul_(masks[name].to(p.device))
+                p.mul_(masks[name].to(p.device))  # through the parameter: its version counter moves
                 if _owns_fragment(p):
                     master = p._hp_mapping.get_hp_fragment()
                     master.mul_(_fragment_of(p, masks[name]).to(master.device))
@@ -116,9 +134,17 @@ class DeepSpeedMaskKeeper:
                 _mask_through(safe_get_local_grad(p), lambda v: safe_set_local_grad(p, v), _zero3_piece(p, masks[name]))
             elif _owns_fragment(p):
                 grad = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
-                # BF16 keeps a full accumulation buffer per rank, the ZeRO optimizers only the fragment
-                mask = masks[name] if grad.numel() == p.numel() else _fragment_of(p, masks[name])
-                grad.mul_(mask.reshape(grad.shape).to(grad.device))
+                grad.mul_(_fragment_of(p, masks[name]).reshape(grad.shape).to(grad.device))
+                self._refresh_offloaded_norm(p, grad)
+
+    def _refresh_offloaded_norm(self, p: nn.Parameter, grad: Tensor) -> None:
+        """With the optimizer offloaded, ZeRO-1/2 computes each gradient's norm during backward and clips
+        with it: it must be the masked gradient's."""
+        norms = getattr(self.optimizer, "norm_for_param_grads", None)
+        if getattr(self.optimizer, "cpu_offload", False) and norms is not None:
+            key = self.optimizer.get_param_id(p)
+            if key in norms:
+                norms[key] = grad.double().norm(2).to(norms[key].dtype)
 
     @torch.no_grad()
     def optimizer_state(self, weights: Weights, masks: Masks, reset: bool) -> None:
@@ -126,14 +152,24 @@ class DeepSpeedMaskKeeper:
             if is_zero3_parameter(p):
                 from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_optimizer_state
 
-                keep = _zero3_piece(p, masks[name]) if not reset else torch.zeros(p.ds_tensor.numel(), dtype=torch.bool)
+                keep = _zero3_piece(p, masks[name]) if not reset else torch.zeros(_partition_size(p), dtype=torch.bool)
                 for key in _zero3_state_keys(p):
                     _mask_through(safe_get_local_optimizer_state(p, key),
                                   lambda v, key=key: safe_set_local_optimizer_state(p, v, key), keep)
             elif _owns_fragment(p):
                 keep = _fragment_of(p, masks[name])
-                for state in (p._hp_mapping.optim_fragment or {}).values():  # None until a first step made one
+                for state in self._state_fragments(p):
                     state.mul_(0 if reset else keep.to(state.device))
+
+    def _state_fragments(self, p: nn.Parameter) -> list[Tensor]:
+        """Views of this rank's fragment of `p` in every per-entry optimizer state (Adam's moments), taken
+        from the optimizer's state itself: DeepSpeed's cached views are dropped when it relinks."""
+        mapping = p._hp_mapping
+        flat = self.optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+        address = mapping.hp_fragment_address
+        return [value.narrow(0, address.start, address.numel)
+                for value in self.optimizer.optimizer.state.get(flat, {}).values()
+                if isinstance(value, Tensor) and value.shape == flat.shape]
 
     def read(self, weights: Weights) -> dict[str, Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -157,10 +193,23 @@ class DeepSpeedMaskKeeper:
                 # the full setter narrows an unpadded value: it fails on the last rank for odd sizes
                 piece = _zero3_piece(p, value)
                 safe_set_local_fp32_param(p, piece)
-                p.ds_tensor.copy_(piece)
+                _edit_zero3_live(p, lambda part: part.copy_(piece),
+                                 lambda whole: whole.copy_(value.reshape(whole.shape)))
             else:
                 safe_set_full_fp32_param(p, value)
-                p.data.copy_(value.to(p.device, p.dtype))
+                p.copy_(value.to(p.device, p.dtype))
+
+
+def _edit_zero3_live(p: nn.Parameter, edit_partition, edit_whole) -> None:
+    """Apply an in-place edit to the live weight of a ZeRO-3 parameter: its partition, and its full data
+    where DeepSpeed keeps it gathered (parameters below stage3_param_persistence_threshold, re-gathered
+    only after the next step). A secondary (hpZ) copy of the partition is dropped, as DeepSpeed does
+    when a partition changes, so that the next gather reads the edited one."""
+    edit_partition(p.ds_tensor)
+    if p.numel() == p.ds_numel:  # gathered now: the full data is what the next forward reads
+        edit_whole(p.data)
+    if getattr(p, "ds_secondary_tensor", None) is not None:
+        p.ds_secondary_tensor = None
 
 
 def _mask_through(value: Tensor | None, write, keep: Tensor) -> None:
@@ -173,9 +222,14 @@ def _owns_fragment(p: nn.Parameter) -> bool:
     return getattr(p, "_hp_mapping", None) is not None
 
 
+def _partition_size(p: nn.Parameter) -> int:
+    """Entries per rank of a ZeRO-3 parameter (DeepSpeed's own count: the buffer may be offloaded)."""
+    return p.ds_tensor.ds_numel
+
+
 def _zero3_piece(p: nn.Parameter, full: Tensor) -> Tensor:
     """The entries of `full` (the parameter's shape) that this rank's ZeRO-3 partition holds."""
-    size = p.ds_tensor.numel()
+    size = _partition_size(p)
     rank = dist.get_rank(group=p.ds_process_group)
     return _padded(p, full)[rank * size:(rank + 1) * size]
 
@@ -183,7 +237,7 @@ def _zero3_piece(p: nn.Parameter, full: Tensor) -> Tensor:
 def _padded(p: nn.Parameter, full: Tensor) -> Tensor:
     """`full` flattened and padded with zeros to world x partition, as ZeRO-3 lays a parameter out."""
     world_size = dist.get_world_size(group=p.ds_process_group)
-    padded = full.new_zeros(p.ds_tensor.numel() * world_size)
+    padded = full.new_zeros(_partition_size(p) * world_size)
     padded[:full.numel()] = full.reshape(-1)
     return padded
 

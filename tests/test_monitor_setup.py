@@ -320,3 +320,20 @@ def test_pathmonitor_demo_trains_the_demo_config_next_to_its_dense_twin(tmp_path
         assert list((tmp_path / "runs" / name / "version_0").glob("events.out.tfevents.*")), name
     dense_config = (tmp_path / "runs" / "digits_dense" / "version_0" / "config.yaml").read_text()
     assert "PathNormMonitor" in dense_config and "PathBudgetPruning" not in dense_config
+
+
+def test_the_dense_twin_drops_the_callbacks_that_change_weights_however_spelled():
+    from pathmonitor.callbacks.cli import dense_twin
+
+    config = {"trainer": {"callbacks": [{"class_path": "PathBudgetPruning"},
+                                        {"class_path": "pathmonitor.callbacks.pruning.PathBudgetPruning"},
+                                        {"class_path": "pathmonitor.callbacks.PathNormRegularizer",
+                                         "init_args": {"weight": 0.1}},
+                                        {"class_path": "pathmonitor.callbacks.PathNormMonitor"}],
+                          "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger"}},
+              "model": {"class_path": "pathmonitor.callbacks.digits.DigitsNet"}}
+    twin = dense_twin(config)
+    assert twin["trainer"]["callbacks"] == [{"class_path": "pathmonitor.callbacks.PathNormMonitor"}]
+    assert twin["trainer"]["logger"]["init_args"]["name"] == "lightning_logs_dense"
+    assert twin["model"] == config["model"] and len(config["trainer"]["callbacks"]) == 4  # the original untouched
+    assert dense_twin({"trainer": {"devices": 2}}) == {"trainer": {"devices": 2}}  # a stacked strategy config

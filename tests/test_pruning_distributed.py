@@ -1,5 +1,7 @@
 """`PathBudgetPruning` in the shared training runs (tests/training_run.py: Adam, rounds at steps 6 and 12
-rewinding the survivors to step 2, 24 steps): one process, DDP and DeepSpeed ZeRO-1/2/3 with 2 CPU processes."""
+rewinding the survivors to step 2, 24 steps): one process, DDP and DeepSpeed ZeRO-1/2/3 with 2 CPU processes,
+ZeRO-3 both with every parameter partitioned and with DeepSpeed's default persistence threshold, under
+which it keeps this small net's parameters gathered between steps."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 from shared_runs import records, scalars, weights
 
-STRATEGIES = ["single", "ddp", "zero1", "zero2", "zero3"]
+STRATEGIES = ["single", "ddp", "zero1", "zero2", "zero3", "zero3_persistent"]
 
 
 def masks_of(out, rank: int = 0) -> dict[str, torch.Tensor]:
@@ -35,6 +37,7 @@ def test_pruned_entries_stay_zero_in_the_consolidated_checkpoint_and_masks_agree
         assert [r["step"] for r in record["pruning_rounds"]] == [6, 12]
         assert record["pruning_rounds"][-1]["prune/sparsity"] == zeros / total
         assert all(0 < r["prune/change_relative"] <= 0.3 for r in record["pruning_rounds"])
+        assert all(r["live_nonzero"] == 0 for r in record["pruning_rounds"])  # what the next forward reads
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

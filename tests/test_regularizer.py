@@ -339,3 +339,18 @@ def test_training_with_the_regularizer_shrinks_the_path_norm_tenfold_at_the_same
     assert norm * 10 <= plain_norm
     assert accuracy >= plain_accuracy - 0.02
 
+
+
+def test_log_false_penalizes_the_norm_itself_inside_a_fit(tmp_path):
+    """Lightning sets every callback's `log` attribute to the LightningModule's `log` method at fit start:
+    the choice must live elsewhere, or log=False silently penalizes the logarithm (and the state key,
+    holding the method's repr, would change between save and resume)."""
+    regularizer = PathNormRegularizer(weight=1e-12, log=False)
+    key = regularizer.state_key
+    model = DigitsNet(width=4)
+    trainer(tmp_path, [regularizer], max_steps=1).fit(model, data())
+    assert regularizer.state_key == key
+    with torch.no_grad():
+        norm = float(pm.path_norm(model, SHAPE))  # after one tiny step: close to the penalized value
+    assert regularizer.last["regularizer/penalty"] == pytest.approx(norm, rel=0.2)
+    assert norm > 100  # far from its logarithm

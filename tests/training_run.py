@@ -2,7 +2,8 @@
 
 Run as a script (Lightning's DDP and DeepSpeed launchers start the other ranks by running it again):
     python tests/training_run.py STRATEGY OUT_DIR [--max-steps N] [--stop-at N] [--resume CKPT]
-STRATEGY is one of single, ddp, zero1, zero2, zero3, fsdp2 (2 CPU processes for all but single).
+STRATEGY is one of single, ddp, zero1, zero2, zero3, zero3_persistent, fsdp2 (2 CPU processes for all
+but single).
 Every rank writes OUT_DIR/rank{r}.json with the monitors' float64 values, every pruning round's values
 and how many parameters it held only a part of at every step, and its pruning masks to OUT_DIR/masks{r}.pt.
 Pruning (Adam; rounds at steps 6 and 12, rewinding the survivors to step 2) runs on every strategy but
@@ -12,6 +13,7 @@ epoch and one at the end) to OUT_DIR/ckpt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -42,8 +44,10 @@ def strategy_for(name: str):
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False), 2
     from pathmonitor.strategies import CPUDeepSpeedStrategy
 
-    # threshold 0: every parameter really sharded under ZeRO-3, however small
-    config = {"zero_optimization": {"stage": int(name[-1]), "stage3_param_persistence_threshold": 0},
+    # threshold 0: every parameter really sharded under ZeRO-3, however small; "zero3_persistent" keeps
+    # DeepSpeed's default, under which every parameter of this small net stays gathered between steps
+    threshold = {} if name.endswith("_persistent") else {"stage3_param_persistence_threshold": 0}
+    config = {"zero_optimization": {"stage": int(name[4]), **threshold},
               "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": BATCH // 2}
     return CPUDeepSpeedStrategy(config=config, logging_level=40), 2
 
@@ -86,14 +90,28 @@ class ShardingProbe(Callback):
 
 
 class PruningRounds(Callback):
-    """Every pruning round's logged values, with its step."""
+    """Every pruning round's logged values, with its step and the number of pruned entries the live
+    weights (gathered under ZeRO-3, as the next forward reads them) still hold a nonzero value at."""
 
     def __init__(self, pruning: PathBudgetPruning) -> None:
         self.pruning, self.rounds = pruning, []
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         if self.pruning.last_step == trainer.global_step and trainer.global_step > 0:
-            self.rounds.append(dict(self.pruning.last, step=trainer.global_step))
+            weights = {name: pl_module.net.get_submodule(name).weight for name in self.pruning.masks}
+            with live(list(weights.values())):
+                nonzero = sum(int((p.data[~self.pruning.masks[name].to(p.device)] != 0).sum())
+                              for name, p in weights.items())
+            self.rounds.append(dict(self.pruning.last, step=trainer.global_step, live_nonzero=nonzero))
+
+
+def live(params):
+    """The full live data of ZeRO-3 parameters for the duration (a collective); a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
 
 
 class PrunedStateProbe(Callback):
