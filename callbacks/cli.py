@@ -1,7 +1,9 @@
 """The `pathmonitor` command: `pathmonitor fit --config configs/digits.yaml` trains with LightningCLI
 (configs stack: `--config a.yaml --config b.yaml`); `pathmonitor demo` trains the demo config next to its
-dense twin (the same run without the regularizer and the pruning) and compares them; `pathmonitor
-certify-demo` prints path-norms of torchvision models and certifies a pruning and quantizations of ResNet-18."""
+dense twin (the same run without the regularizer and the pruning), compares them and draws the run's
+report; `pathmonitor norm | drift | scores | bound | quantize | report` audit checkpoints and runs
+(callbacks/audit.py); `pathmonitor certify-demo` prints path-norms of torchvision models and certifies a
+pruning and quantizations of ResNet-18."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +17,10 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.cli import LightningCLI
 
+from .audit import COMMANDS
+from .audit import main as audit_main
 from .base import PathCallback
+from .report import write_report
 
 DEMO_CONFIG = Path("configs") / "digits.yaml"
 
@@ -126,6 +131,10 @@ def demo(argv: Sequence[str]) -> None:
         print(f"\n{' + '.join(map(str, paths))} next to its dense twin (the same run without the regularizer and "
               f"the pruning):")
         print(comparison(dense, trained))
+        if trained.logger is not None and trained.logger.log_dir:
+            figure = Path(trained.logger.log_dir) / "report.png"
+            write_report(Path(trained.logger.log_dir), figure)
+            print(f"report of the demo run: {figure}")
 
 
 def main(args: Optional[Sequence[str]] = None) -> None:
@@ -138,6 +147,8 @@ def main(args: Optional[Sequence[str]] = None) -> None:
     if argv[:1] == ["demo"]:
         demo(argv[1:])
         return
+    if argv[:1] and argv[0] in COMMANDS:
+        sys.exit(audit_main(argv))
     PathMonitorCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                    args=argv, save_config_kwargs={"overwrite": True})
 
