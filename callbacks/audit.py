@@ -93,7 +93,7 @@ def scores(args: argparse.Namespace) -> dict:
     for position, name in enumerate(names):
         weight, score = parameters[name].detach(), relative[name]
         alive = (weight != 0).reshape(-1)
-        layers.append({"weight": name, "entries": weight.numel(), "sparsity": 1 - float(alive.double().mean()),
+        layers.append({"weight": name, "entries": weight.numel(), "sparsity": int((~alive).sum()) / weight.numel(),
                        "path_mass_share": float(score.sum())})
         indices = alive.nonzero().flatten()  # pruned entries carry no path mass and are not listed
         flat_scores.append(score.reshape(-1)[indices])

@@ -39,8 +39,8 @@ def read_scalars(logdir: Path) -> Series:
 
 
 def write_report(logdir: Path, output: Path) -> dict[str, Series]:
-    """Draw the run's panels into the PNG `output` (written whole or not at all); returns what each panel
-    plotted, {panel: {tag: [(step, value), ...]}}."""
+    """Draw the run's panels into the PNG `output` (written whole or not at all); returns the points each
+    panel's curves hold, read back from the figure: {panel: {tag: [(step, value), ...]}}."""
     scalars = read_scalars(logdir)
     plotted = {panel: {tag: scalars[tag] for tag in tags if tag in scalars} for panel, tags in PANELS.items()}
     if not any(plotted.values()):
@@ -69,6 +69,8 @@ def write_report(logdir: Path, output: Path) -> dict[str, Series]:
         else:
             axis.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=axis.transAxes)
     figure.suptitle(str(logdir))
+    drawn = {axis.get_title(): {line.get_label(): [(int(x), float(y)) for x, y in line.get_xydata()]
+                                for line in axis.get_lines()} for axis in axes.flat}
     handle, temporary = tempfile.mkstemp(suffix=".png", dir=output.parent)
     os.close(handle)
     try:
@@ -78,4 +80,4 @@ def write_report(logdir: Path, output: Path) -> dict[str, Series]:
         plt.close(figure)
         if os.path.exists(temporary):
             os.remove(temporary)
-    return plotted
+    return drawn

@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
+import pathmonitor as pm
 import pathmonitor.tracking
 from pathmonitor.callbacks import GeneralizationBoundMonitor, MonitorError, PathMetricDrift, PathNormMonitor
 from pathmonitor.callbacks.digits import DigitsData, DigitsNet
@@ -320,6 +321,17 @@ def test_pathmonitor_demo_trains_the_demo_config_next_to_its_dense_twin(tmp_path
         assert list((tmp_path / "runs" / name / "version_0").glob("events.out.tfevents.*")), name
     dense_config = (tmp_path / "runs" / "digits_dense" / "version_0" / "config.yaml").read_text()
     assert "PathNormMonitor" in dense_config and "PathBudgetPruning" not in dense_config
+    assert f"report of the demo run: {Path('runs') / 'digits' / 'version_0' / 'report.png'}" in done.stdout
+    assert (tmp_path / "runs" / "digits" / "version_0" / "report.png").is_file()
+    # the audit command finds the model's class in a checkpoint LightningCLI wrote
+    checkpoint = next((tmp_path / "runs" / "digits" / "version_0" / "checkpoints").glob("epoch=*.ckpt"))
+    audit = subprocess.run([command[0], "norm", str(checkpoint), "--json"], capture_output=True, text=True,
+                           timeout=300)
+    assert audit.returncode == 0, audit.stderr
+    model = pl.LightningModule.load_from_checkpoint(checkpoint)  # Lightning's own way back to the model
+    with torch.no_grad():
+        assert json.loads(audit.stdout)["norms"]["l1"] == pytest.approx(float(pm.path_norm(model, (1, 8, 8))),
+                                                                         rel=1e-9)
 
 
 def test_the_dense_twin_drops_the_callbacks_that_change_weights_however_spelled():
