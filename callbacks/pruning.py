@@ -37,7 +37,8 @@ class PathBudgetPruning(PathCallback):
     `schedule(global_step)` says so. With `target_sparsity`, a round also stops at the sparsity ramped
     (linearly or cubically) from 0 at `start` to `target_sparsity` at `end`. `scope="layer"` gives each
     layer an equal share of the budget (and of the round's cap, by size). `rewind_to=r` resets the
-    surviving weights to their values after r optimizer steps at every round (lottery-ticket rewinding),
+    surviving weights to their values after r optimizer steps (r epochs with `every_n_epochs`; 0: the
+    initial weights) at every round (lottery-ticket rewinding),
     with the optimizer state of the selected weights; the logged change is then the pruning's, before the
     rewind. Masks are enforced on the weights after every optimizer step, on the gradients before it and
     on the optimizer state at every round, so that the checkpoint holds zeros under the model's own keys;
@@ -185,8 +186,8 @@ class PathBudgetPruning(PathCallback):
         step = trainer.global_step
         if self.rounds:
             self._apply_to_weights()
-        if self.rewind_to is not None and self.rewind is None and step == self.rewind_to:
-            self.rewind = self._weights()
+        if self.every_n_epochs is None:
+            self._keep_rewind_point(step)
         if self.schedule is not None:
             due = step > 0 and step != self.last_step and bool(self.schedule(step))
         else:
@@ -196,8 +197,16 @@ class PathBudgetPruning(PathCallback):
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         epoch = trainer.current_epoch + 1
-        if self.every_n_epochs is not None and epoch % self.every_n_epochs == 0 and self._in_window(epoch):
+        if self.every_n_epochs is None:
+            return
+        self._keep_rewind_point(epoch)
+        if epoch % self.every_n_epochs == 0 and self._in_window(epoch):
             self._round(trainer, epoch)
+
+    def _keep_rewind_point(self, position: int) -> None:
+        """Copy the weights the rounds rewind to, once, at `rewind_to` (steps, or epochs for an epoch schedule)."""
+        if self.rewind_to is not None and self.rewind is None and position == self.rewind_to:
+            self.rewind = self._weights()
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self.make_permanent and self.rounds:

@@ -155,3 +155,31 @@ def test_parameters_to_prune_selects_and_make_permanent_false_leaves_prune_masks
     trainer(tmp_path, [pruning], max_steps=3).fit(model, data())
     assert sorted(pruning.masks) == ["net.0", "net.10"]
     assert hasattr(model.net[0], "weight_mask") and torch.equal(model.net[0].weight_mask.bool(), pruning.masks["net.0"])
+
+
+class EpochEndWeights(pl.Callback):
+    """The conv / linear weights of `net` (and their Adam moments) at every epoch end, as this callback
+    sees them: placed before the pruning callback, before its round; after it, after."""
+
+    def __init__(self):
+        self.weights, self.moments = {}, {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epoch = trainer.current_epoch + 1
+        chosen = {n: m.weight for n, m in pl_module.net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        self.weights[epoch] = {n: w.detach().clone() for n, w in chosen.items()}
+        state = trainer.optimizers[0].state
+        self.moments[epoch] = {n: state[w]["exp_avg"].clone() for n, w in chosen.items()}
+
+
+def test_rewinding_to_an_epoch_restores_the_survivors_and_clears_their_optimizer_state(tmp_path):
+    pl.seed_everything(0)
+    before, after = EpochEndWeights(), EpochEndWeights()
+    pruning = PathBudgetPruning(budget=0.3, every_n_epochs=2, rewind_to=1, module="net")
+    trainer(tmp_path, [before, pruning, after], max_steps=-1, max_epochs=2).fit(DigitsNet(width=4), data())
+    assert pruning.rounds == 1
+    for name, mask in pruning.masks.items():
+        assert not torch.equal(before.weights[2][name], before.weights[1][name])  # training moved them
+        assert torch.equal(after.weights[2][name], before.weights[1][name] * mask), name  # back to epoch 1
+        assert torch.all(after.moments[2][name] == 0), name
+    assert sum(int((~mask).sum()) for mask in pruning.masks.values()) > 0
