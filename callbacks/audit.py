@@ -9,18 +9,23 @@ the traceback instead). A progress bar on stderr follows the computation once th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 import pathmonitor as pm
-from pathmonitor.logmath import exp_or_inf
-from pathmonitor.norms import validated_input_shape
+from pathmonitor.graph import capture
+from pathmonitor.metrics import certified_change
+from pathmonitor.norms import norm_and_log, validated_input_shape, validated_q
+from pathmonitor.sources import ModuleSource
 
+from .base import example_input_shape
 from .checkpoints import AuditError, Loaded, load_model
 
 COMMANDS = ("norm", "drift", "scores", "bound", "quantize", "report")
@@ -28,65 +33,91 @@ COMMANDS = ("norm", "drift", "scores", "bound", "quantize", "report")
 
 def main(argv: Sequence[str]) -> int:
     """Run one subcommand; the process exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    progress = Progress(args.command, _steps(args))
     try:
-        with torch.no_grad():  # scores enable autograd for their own backward pass
-            result = args.run(args)
-    except AuditError as error:
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.simplefilter("ignore")  # nothing on stderr but the bar, or the one error line
+            with torch.no_grad():  # scores enable autograd for their own backward pass
+                result = args.run(args, progress)
+            output = json.dumps(result, allow_nan=False) if args.json else _as_text(result)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"pathmonitor {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        progress.close()
         if args.debug:
             raise
-        print(f"pathmonitor {args.command}: {error}", file=sys.stderr)
+        problem = str(error) if isinstance(error, AuditError) else str(AuditError(
+            progress.where, f"{type(error).__name__}: {error}"))
+        print(f"pathmonitor {args.command}: {problem}", file=sys.stderr)
         return 2
-    except (pm.UnsupportedModelError, pm.PathComputationError, ValueError) as error:
-        if args.debug:
-            raise
-        where = getattr(args, "checkpoint", None) or getattr(args, "new", None) or getattr(args, "logdir", None)
-        text = " ".join(str(error).split())
-        print(f"pathmonitor {args.command}: {where}: {text}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, allow_nan=False))
-    else:
-        print(_as_text(result))
+    progress.close()
+    print(output)
     return 0
 
 
+class Progress:
+    """A bar on stderr over a subcommand's steps (shown when stderr is a terminal, erased when done or
+    failed), and the file the current step works on, for an error line."""
+
+    def __init__(self, command: str, steps: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=steps, desc=f"pathmonitor {command}", file=sys.stderr, disable=None, leave=False)
+        self.where: Optional[Path] = None
+
+    @contextlib.contextmanager
+    def step(self, label: str, where: Optional[Path] = None) -> Iterator[None]:
+        self.where = where if where is not None else self.where
+        self.bar.set_postfix_str(label, refresh=True)
+        yield
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _steps(args: argparse.Namespace) -> int:
+    return {"norm": 1 + len(getattr(args, "q", [])), "drift": 3, "report": 1}.get(args.command, 2)
+
+
 # -- the subcommands -------------------------------------------------------------------------------------
-def norm(args: argparse.Namespace) -> dict:
+def norm(args: argparse.Namespace, progress: Progress) -> dict:
     """||Phi(theta)||_q for each --q (MATH.md section 2)."""
-    loaded = load_model(args.checkpoint, args.model)
-    shape = input_shape(loaded, args.input_shape)
-    norms = {}
-    for q in _progress(args.q, "path-norms"):
-        log_value = float(pm.log_path_norm(loaded.model, shape, q))
-        norms[f"l{_tag(q)}"] = _finite_or_none(exp_or_inf(log_value))
-        norms[f"log10_l{_tag(q)}"] = log_value / math.log(10)
+    loaded, shape = _load(args.checkpoint, args, progress)
+    graph, norms = capture(loaded.model, shape), {}
+    for q in args.q:
+        with progress.step(f"L{_tag(q)} path-norm"):
+            value, log_value = norm_and_log(graph, loaded.model, ModuleSource(loaded.model), validated_q(q))
+        norms[f"l{_tag(q)}"] = _finite_or_none(value)
+        norms[f"log10_l{_tag(q)}"] = _log10(log_value)
     return {"command": "norm", **_describe(loaded, shape), "norms": norms}
 
 
-def drift(args: argparse.Namespace) -> dict:
+def drift(args: argparse.Namespace, progress: Progress) -> dict:
     """pm.path_metric(NEW, OLD): the current weights first, the reference second (MATH.md section 3)."""
-    new = load_model(args.new, args.model)
-    old = load_model(args.old, args.model, like=new)  # a bare state_dict is read into the architecture of NEW
-    shape = input_shape(new, args.input_shape)
-    for _ in _progress([0], "path-metric"):
+    new, shape = _load(args.new, args, progress)
+    with progress.step(f"reading {args.old.name}", args.old):
+        old = load_model(args.old, args.model, like=new)  # a bare state_dict is read into NEW's architecture
+    with progress.step("path-metric", args.new):
         metric = pm.path_metric(new.model, old.model, shape)
     result = {"command": "drift", "old": str(old.path), "new": str(new.path), "input_shape": list(shape),
               "value": _finite_or_none(metric.value), "log10_value": _log10(metric.log_value),
               "relative": _finite_or_none(metric.relative), "exact": metric.exact, "kind": metric.kind}
     if args.input_bound is not None:
         result["input_bound"] = args.input_bound
-        result["certified_change"] = _finite_or_none(max(args.input_bound, 1.0) * metric.value)
+        result["certified_change"] = _finite_or_none(certified_change(metric, args.input_bound))
     return result
 
 
-def scores(args: argparse.Namespace) -> dict:
+def scores(args: argparse.Namespace, progress: Progress) -> dict:
     """Per layer: sparsity and the share of path mass crossing it (the sum of its relative path-magnitude
     scores); the surviving weights carrying the least and the most path mass (MATH.md section 4)."""
-    loaded = load_model(args.checkpoint, args.model)
-    shape = input_shape(loaded, args.input_shape)
-    for _ in _progress([0], "scores"):
+    loaded, shape = _load(args.checkpoint, args, progress)
+    with progress.step("path-magnitude scores"):
         relative = pm.path_magnitude_scores(loaded.model, shape, relative=True)
     parameters = dict(loaded.model.named_parameters())
     layers, names, flat_scores, flat_layers, flat_indices = [], list(relative), [], [], []
@@ -114,11 +145,10 @@ def scores(args: argparse.Namespace) -> dict:
             "most": listed(True)}
 
 
-def bound(args: argparse.Namespace) -> dict:
+def bound(args: argparse.Namespace, progress: Progress) -> dict:
     """The generalization bound with its constants (MATH.md section 5)."""
-    loaded = load_model(args.checkpoint, args.model)
-    shape = input_shape(loaded, args.input_shape)
-    for _ in _progress([0], "bound"):
+    loaded, shape = _load(args.checkpoint, args, progress)
+    with progress.step("bound"):
         found = pm.generalization_bound(loaded.model, shape, n_samples=args.n_samples, input_bound=args.input_bound,
                                         sharpened=args.sharpened)
     constants = {key: getattr(found, key) for key in ("first_part", "depth", "max_pool_kernel", "max_pool_kinds",
@@ -128,47 +158,43 @@ def bound(args: argparse.Namespace) -> dict:
             "log10_value": _log10(found.log_value), "path_norm": _finite_or_none(found.path_norm), **constants}
 
 
-def quantize(args: argparse.Namespace) -> dict:
+def quantize(args: argparse.Namespace, progress: Progress) -> dict:
     """The certificate for quantizing the checkpoint's weights: a path-metric bound (MATH.md section 3)."""
-    loaded = load_model(args.checkpoint, args.model)
-    shape = input_shape(loaded, args.input_shape)
-    for _ in _progress([0], args.dtype):
+    loaded, shape = _load(args.checkpoint, args, progress)
+    with progress.step(f"{args.dtype} certificate"):
         metric = pm.quantization_bound(loaded.model, args.dtype, shape)
     return {"command": "quantize", **_describe(loaded, shape), "dtype": args.dtype,
             "value": _finite_or_none(metric.value), "log10_value": _log10(metric.log_value),
             "relative": _finite_or_none(metric.relative), "exact": metric.exact, "kind": metric.kind}
 
 
-def report(args: argparse.Namespace) -> dict:
+def report(args: argparse.Namespace, progress: Progress) -> dict:
     """A figure of a run's logged path-norm, drift, bound and gap, and sparsity."""
     from .report import write_report
 
-    series = write_report(args.logdir, args.output)
+    with progress.step("drawing", args.logdir):
+        series = write_report(args.logdir, args.output)
     return {"command": "report", "logdir": str(args.logdir), "output": str(args.output),
             "series": {tag: len(points) for panel in series.values() for tag, points in panel.items()}}
 
 
 # -- shared pieces ---------------------------------------------------------------------------------------
-def input_shape(loaded: Loaded, given: Optional[Sequence[int]]) -> tuple[int, ...]:
-    """--input-shape, else the model's example_input_array without its batch dimension."""
-    if given:
-        return validated_input_shape(given)
-    example = getattr(loaded.model, "example_input_array", None)
-    if isinstance(example, torch.Tensor) and example.dim() >= 2:
-        return tuple(example.shape[1:])
-    raise AuditError(loaded.path, f"{type(loaded.model).__name__} has no example_input_array: pass --input-shape "
-                                  f"C H W (one input, without the batch dimension)")
+def _load(path: Path, args: argparse.Namespace, progress: Progress) -> tuple[Loaded, tuple[int, ...]]:
+    """The checkpoint's model and the input shape: --input-shape, else its example_input_array's."""
+    with progress.step(f"reading {path.name}", path):
+        loaded = load_model(path, args.model)
+    if args.input_shape:
+        return loaded, validated_input_shape(args.input_shape)
+    try:
+        return loaded, example_input_shape(loaded.model)
+    except ValueError as problem:
+        raise AuditError(path, f"{problem}: pass --input-shape C H W (one input, without the batch dimension)") \
+            from None
 
 
 def _describe(loaded: Loaded, shape: tuple[int, ...]) -> dict:
     return {"checkpoint": str(loaded.path), "checkpoint_kind": loaded.kind, "model": type(loaded.model).__name__,
             "input_shape": list(shape), "pruning_masks_applied": loaded.masks_applied}
-
-
-def _progress(items: Sequence, label: str):
-    from tqdm import tqdm
-
-    return tqdm(items, desc=label, file=sys.stderr, disable=None, leave=False)
 
 
 def _finite_or_none(value: float) -> Optional[float]:
@@ -201,8 +227,30 @@ def _short(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end like bad input: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _bound(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pathmonitor", description="Path-norm audits of checkpoints and runs.")
+    parser = _OneLineParser(prog="pathmonitor", description="Path-norm audits of checkpoints and runs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run: Callable[[argparse.Namespace], dict], text: str,
@@ -224,12 +272,12 @@ def _parser() -> argparse.ArgumentParser:
         "--q", type=float, nargs="+", default=[1.0], help="exponents (default: 1)")
     command("drift", drift, "the path-metric between two checkpoints: how far the function can have moved",
             checkpoints=("old", "new")).add_argument(
-        "--input-bound", type=float, help="B >= max ||x||_inf of the inputs: adds the certified function change")
+        "--input-bound", type=_bound, help="B >= max ||x||_inf of the inputs: adds the certified function change")
     command("scores", scores, "per layer, sparsity and share of path mass; the weights with the least and most"
-            ).add_argument("--top", type=int, default=20, help="how many weights to list at each end (default 20)")
+            ).add_argument("--top", type=_count, default=20, help="how many weights to list at each end (default 20)")
     sub = command("bound", bound, "the generalization bound of a checkpoint, with its constants")
     sub.add_argument("--n-samples", type=int, required=True, help="training-set size n")
-    sub.add_argument("--input-bound", type=float, required=True, help="B >= max ||x||_inf of the inputs")
+    sub.add_argument("--input-bound", type=_bound, required=True, help="B >= max ||x||_inf of the inputs")
     sub.add_argument("--sharpened", action="store_true", help="the sharpened constants of MATH.md section 5")
     command("quantize", quantize, "the certificate for quantizing a checkpoint's weights").add_argument(
         "--dtype", choices=("bf16", "fp16", "int8"), required=True)

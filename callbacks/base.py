@@ -98,17 +98,12 @@ class PathCallback(Callback):
         its batch dimension."""
         if self.input_shape is not None:
             return self.input_shape
-        example = getattr(pl_module, "example_input_array", None)
-        if isinstance(example, torch.Tensor) and example.dim() >= 2:
-            return validated_input_shape(example.shape[1:])
-        if example is None:
-            problem = "it has no example_input_array"
-        else:
-            problem = (f"its example_input_array is a {type(example).__name__}, not one batched tensor "
-                       f"(path quantities are defined for one input)")
-        raise MonitorError(f"{type(self).__name__} needs the shape of one input without the batch dimension: pass "
-                           f"input_shape=(C, H, W), or set example_input_array on {type(pl_module).__name__} "
-                           f"({problem})")
+        try:
+            return example_input_shape(pl_module)
+        except ValueError as problem:
+            raise MonitorError(f"{type(self).__name__} needs the shape of one input without the batch dimension: "
+                               f"pass input_shape=(C, H, W), or set example_input_array on "
+                               f"{type(pl_module).__name__} ({problem})") from None
 
     @property
     def tracked(self) -> TrackedModel:
@@ -132,6 +127,17 @@ def check_deepspeed_gradients(engine: Any, who: str) -> None:
         raise MonitorError(f"{who} cannot reach the gradients under DeepSpeed's BF16_Optimizer (bf16 without ZeRO, "
                            f"or with an fp32 grad_accum_dtype): it keeps them where safe_set_full_grad does not write. "
                            f"Use ZeRO stage 1, 2 or 3 with bf16 gradients accumulated in bf16.")
+
+
+def example_input_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of `module.example_input_array` without its batch dimension; ValueError saying why not."""
+    example = getattr(module, "example_input_array", None)
+    if isinstance(example, torch.Tensor) and example.dim() >= 2:
+        return validated_input_shape(example.shape[1:])
+    if example is None:
+        raise ValueError(f"{type(module).__name__} has no example_input_array")
+    raise ValueError(f"the example_input_array of {type(module).__name__} is a {type(example).__name__}, not one "
+                     f"batched tensor (path quantities are defined for one input)")
 
 
 def is_due(step: int, every_n: Optional[int], last_step: int) -> bool:

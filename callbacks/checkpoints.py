@@ -13,9 +13,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
-import inspect
 import io
 import logging
+import pickle
+import reprlib
+import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -28,6 +31,7 @@ class AuditError(Exception):
     """What went wrong, for one line on stderr: `<file>: <problem>`."""
 
     def __init__(self, path: Optional[Path], problem: str):
+        problem = " ".join(problem.split())  # one line, whatever a library's message held
         super().__init__(f"{path}: {problem}" if path is not None else problem)
 
 
@@ -43,52 +47,77 @@ class Loaded:
 
 
 def load_model(path: Path, model_spec: Optional[str] = None, like: Optional[Loaded] = None) -> Loaded:
-    """The model a checkpoint holds, in eval mode on the CPU, its weights in float32 or wider. A checkpoint
-    without hyper-parameters (a bare state_dict) is built with those of `like`, another loaded checkpoint."""
+    """The model a checkpoint holds, in eval mode on the CPU, its tensors in the checkpoint's own dtypes. A
+    checkpoint without hyper-parameters (a bare state_dict) is built with those of `like`, another one."""
     if not path.exists():
         raise AuditError(path, "no such file or directory")
     if path.is_dir():
-        state, meta, kind = _read_deepspeed(path), _deepspeed_client_state(path), "deepspeed"
+        tag_dir = _deepspeed_files(path)
+        state, meta, kind = _read_deepspeed(path), _deepspeed_client_state(tag_dir), "deepspeed"
     else:
         loaded = _torch_load(path)
-        if isinstance(loaded, Mapping) and "state_dict" in loaded:
+        if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
             state, meta, kind = loaded["state_dict"], loaded, "lightning"
         elif isinstance(loaded, Mapping) and loaded and all(isinstance(v, Tensor) for v in loaded.values()):
             state, meta, kind = loaded, {}, "state_dict"
         else:
-            raise AuditError(path, "not a checkpoint: neither a Lightning checkpoint (no 'state_dict') nor a "
+            raise AuditError(path, "not a checkpoint: neither a Lightning checkpoint (a 'state_dict' mapping) nor a "
                                    "state_dict of tensors")
     hyper_parameters = meta.get("hyper_parameters") or (like.hyper_parameters if like is not None else {})
+    if not isinstance(hyper_parameters, Mapping):
+        hyper_parameters = vars(hyper_parameters) if hasattr(hyper_parameters, "__dict__") else {}
     model = _instantiate(path, model_spec, hyper_parameters)
     state = _fold_prune_pairs(dict(state))
     try:
-        model.load_state_dict(state, strict=True)
+        # assign: the checkpoint's tensors as they are, float64 ones included (a copy would cast them)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
-        problems = " ".join(str(error).split()).replace(f"Error(s) in loading state_dict for {type(model).__name__}: ",
-                                                         "")
-        raise AuditError(path, f"does not fit {type(model).__name__}: {problems[:400]}") from None
+        problems = str(error).replace(f"Error(s) in loading state_dict for {type(model).__name__}:", "")
+        raise AuditError(path, f"does not fit {type(model).__name__}: {problems.strip()[:400]}") from None
     applied = _apply_pruning_masks(path, model, meta.get("callbacks") or {})
-    return Loaded(model.float().eval(), path, kind, applied, dict(hyper_parameters))
+    return Loaded(model.eval(), path, kind, applied, dict(hyper_parameters))
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[io.StringIO]:
-    """Library chatter (DeepSpeed's prints and logs) kept off stdout and stderr."""
-    buffer = io.StringIO()
+def quiet() -> Iterator[None]:
+    """Library chatter (prints, DeepSpeed's logs, warnings) kept off stdout and stderr."""
     deepspeed_logger = logging.getLogger("DeepSpeed")
     level = deepspeed_logger.level
     deepspeed_logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            yield buffer
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         deepspeed_logger.setLevel(level)
 
 
+class _LightningRenames(pickle.Unpickler):
+    """Reads checkpoints pickled by the unified `lightning` package with the standalone packages' classes."""
+
+    RENAMES = (("lightning.pytorch", "pytorch_lightning"), ("lightning.fabric", "lightning_fabric"))
+
+    def find_class(self, module: str, name: str) -> Any:
+        for old, new in self.RENAMES:
+            if module == old or module.startswith(old + "."):
+                module = new + module[len(old):]
+        return super().find_class(module, name)
+
+
+_PICKLE = types.SimpleNamespace(**{k: getattr(pickle, k) for k in ("load", "loads", "dump", "dumps")},
+                                Unpickler=_LightningRenames, __name__="pickle")
+
+
 def _torch_load(path: Path) -> Any:
+    from pytorch_lightning.utilities.migration import pl_legacy_patch  # classes older checkpoints pickled
+
     try:
-        with quiet():
-            return torch.load(path, map_location="cpu", weights_only=False)
+        with quiet(), pl_legacy_patch():
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
+    except ModuleNotFoundError as error:
+        raise AuditError(path, f"was pickled with classes of the module {error.name!r}, which is not installed") \
+            from None
     except Exception as error:  # torch raises many kinds for a damaged file; all mean the same here
         raise AuditError(path, f"cannot be read as a PyTorch file ({type(error).__name__}: {_first_line(error)}); "
                                f"truncated or corrupted?") from None
@@ -99,14 +128,18 @@ def _deepspeed_files(path: Path) -> Path:
     latest = path / "latest"
     if not latest.is_file():
         raise AuditError(path, "a directory, but not a DeepSpeed checkpoint (no 'latest' file)")
-    tag_dir = path / latest.read_text().strip()
-    if not tag_dir.is_dir() or not any(tag_dir.glob("*model_states.pt")):
-        raise AuditError(path, f"a DeepSpeed checkpoint whose tag directory {tag_dir.name!r} holds no model states")
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise AuditError(latest, f"cannot be read as DeepSpeed's tag file ({type(error).__name__})") from None
+    tag_dir = path / tag
+    if not tag or not tag_dir.is_dir() or not any(tag_dir.glob("*model_states.pt")):
+        raise AuditError(path, f"a DeepSpeed checkpoint whose 'latest' tag {tag!r} names no directory of model "
+                               f"states")
     return tag_dir
 
 
 def _read_deepspeed(path: Path) -> Mapping[str, Tensor]:
-    _deepspeed_files(path)
     try:
         with quiet():  # importing DeepSpeed logs its accelerator choice
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -120,42 +153,48 @@ def _read_deepspeed(path: Path) -> Mapping[str, Tensor]:
                                f"{_first_line(error)})") from None
 
 
-def _deepspeed_client_state(path: Path) -> Mapping[str, Any]:
+def _deepspeed_client_state(tag_dir: Path) -> Mapping[str, Any]:
     """What Lightning stored beside DeepSpeed's state: hyper-parameters, callback states (rank 0's file)."""
-    tag_dir = _deepspeed_files(path)
     candidates = sorted(tag_dir.glob("*rank_0*model_states.pt")) or sorted(tag_dir.glob("*model_states.pt"))
     loaded = _torch_load(candidates[0])
     return loaded if isinstance(loaded, Mapping) else {}
 
 
-def _instantiate(path: Path, spec: Optional[str], hyper_parameters: Optional[Mapping[str, Any]]) -> nn.Module:
-    hyper_parameters = dict(hyper_parameters or {})
-    class_path = hyper_parameters.pop("_class_path", None)
-    hyper_parameters.pop("_instantiator", None)
+def _instantiate(path: Path, spec: Optional[str], hyper_parameters: Mapping[str, Any]) -> nn.Module:
+    """`--model` (else the class LightningCLI recorded) built with every recorded hyper-parameter, nested
+    `class_path` / `init_args` ones through LightningCLI's own instantiator when it recorded one."""
+    arguments = dict(hyper_parameters)
+    class_path, instantiator = arguments.pop("_class_path", None), arguments.pop("_instantiator", None)
     if spec is None and class_path is None:
         raise AuditError(path, "the checkpoint does not name its model's class: pass --model package.module:ClassName")
-    cls = _import_class(path, spec) if spec is not None else _import_class(path, class_path, separator=".")
-    arguments = {k: v for k, v in hyper_parameters.items() if not k.startswith("_")}
+    cls = _import_class(path, spec, "--model") if spec is not None else _import_class(
+        path, class_path, "the checkpoint's _class_path (pass --model package.module:ClassName to override it)")
     try:
-        accepted = inspect.signature(cls).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-        model = cls(**{k: v for k, v in arguments.items() if takes_any or k in accepted})
+        with quiet():
+            if instantiator is not None:
+                from pytorch_lightning.cli import instantiate_module
+
+                model = instantiate_module(cls, arguments)
+            else:
+                model = cls(**arguments)
     except Exception as error:
         raise AuditError(path, f"cannot build {cls.__name__} from the checkpoint's hyper-parameters "
-                               f"{arguments}: {_first_line(error)}") from None
+                               f"{reprlib.repr(arguments)}: {_first_line(error)}") from None
     if not isinstance(model, nn.Module):
         raise AuditError(path, f"{cls.__name__} is not a torch.nn.Module")
     return model
 
 
-def _import_class(path: Path, spec: str, separator: str = ":") -> type:
-    module_name, _, name = spec.rpartition(separator if separator in spec else ".")
+def _import_class(path: Path, spec: str, given_as: str) -> type:
+    module_name, _, name = spec.rpartition(":" if ":" in spec else ".")
     try:
-        found = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        raise AuditError(path, f"cannot import the model class {spec!r} (expected package.module:ClassName)") from None
+        with quiet():
+            found = getattr(importlib.import_module(module_name), name)
+    except Exception as error:  # importing user code can raise anything
+        raise AuditError(path, f"cannot import the model class {spec!r} named by {given_as} "
+                               f"({type(error).__name__}: {_first_line(error)})") from None
     if not isinstance(found, type):
-        raise AuditError(path, f"{spec!r} is not a class")
+        raise AuditError(path, f"{spec!r} named by {given_as} is not a class")
     return found
 
 
@@ -169,12 +208,16 @@ def _fold_prune_pairs(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _apply_pruning_masks(path: Path, model: nn.Module, callbacks: Mapping[str, Any]) -> int:
+    """Apply the masks of every saved PathBudgetPruning (or subclass) state, recognized by its form: a
+    `masks` mapping of boolean tensors beside `rounds`."""
     applied = 0
     for key, state in callbacks.items():
-        if not (isinstance(key, str) and key.startswith("PathBudgetPruning") and isinstance(state, Mapping)):
+        masks = state.get("masks") if isinstance(state, Mapping) and "rounds" in state else None
+        if not (isinstance(masks, Mapping) and all(isinstance(m, Tensor) and m.dtype == torch.bool
+                                                   for m in masks.values())):
             continue
-        prefix = _state_key_module(key)
-        for name, mask in (state.get("masks") or {}).items():
+        prefix = _state_key_module(path, key)
+        for name, mask in masks.items():
             qualified = ".".join(part for part in (prefix, name) if part)
             try:
                 weight = model.get_submodule(qualified).weight
@@ -190,13 +233,16 @@ def _apply_pruning_masks(path: Path, model: nn.Module, callbacks: Mapping[str, A
     return applied
 
 
-def _state_key_module(key: str) -> Optional[str]:
+def _state_key_module(path: Path, key: Any) -> Optional[str]:
     """The `module` a callback's state key records: `PathBudgetPruning{'scope': ..., 'module': 'net'}`."""
+    text = str(key)
     try:
-        fields = ast.literal_eval(key[key.index("{"):])
+        fields = ast.literal_eval(text[text.index("{"):])
     except (ValueError, SyntaxError):
-        return None
-    return fields.get("module") if isinstance(fields, dict) else None
+        raise AuditError(path, f"holds pruning masks under the state key {reprlib.repr(text)}, which does not say "
+                               f"which module they belong to") from None
+    module = fields.get("module") if isinstance(fields, dict) else None
+    return module if isinstance(module, str) else None
 
 
 def _first_line(error: BaseException) -> str:

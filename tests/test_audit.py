@@ -43,8 +43,8 @@ def test_each_subcommand_equals_the_library_on_the_checkpoint(runs, capsys, stra
         norms = run_json(capsys, "norm", checkpoint, "--model", MODEL, "--q", "1", "2")
         assert norms["checkpoint_kind"] == ("lightning" if strategy == "single" else "deepspeed")
         assert norms["pruning_masks_applied"] == 5
-        for q in (1, 2):
-            assert close(norms["norms"][f"l{q}"], float(pm.path_norm(model, SHAPE, q)))
+        for q in (1, 2):  # the library's own computation on the same weights: to the last bit
+            assert norms["norms"][f"l{q}"] == float(pm.path_norm(model, SHAPE, q))
         drift = run_json(capsys, "drift", str(out / "init.pt"), checkpoint, "--model", MODEL, "--input-bound", "1")
         metric = pm.path_metric(model, init, SHAPE)  # current first, reference second
         assert close(drift["value"], metric.value) and close(drift["relative"], metric.relative)
@@ -142,3 +142,21 @@ def test_json_output_of_a_deepspeed_checkpoint_is_the_only_output(runs, tmp_path
     done = _command("norm", str(out / "ckpt" / "final.ckpt"), "--model", MODEL, "--json", cwd=tmp_path)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert done.stdout.count("\n") == 1 and json.loads(done.stdout)["checkpoint_kind"] == "deepspeed"
+
+
+def test_float64_checkpoints_keep_their_precision(tmp_path, capsys):
+    """Two float64 checkpoints 1e-12 apart: the drift is the library's on the float64 weights, not the 0 a
+    float32 copy would give."""
+    from pathmonitor.callbacks.digits import DigitsNet
+
+    torch.manual_seed(0)
+    old = DigitsNet().double().eval()  # a bare state_dict is read into the default architecture
+    new = DigitsNet().double().eval()
+    new.load_state_dict(old.state_dict())
+    with torch.no_grad():
+        new.net[0].weight.add_(1e-12)
+    torch.save(old.state_dict(), tmp_path / "old.pt")
+    torch.save(new.state_dict(), tmp_path / "new.pt")
+    found = run_json(capsys, "drift", str(tmp_path / "old.pt"), str(tmp_path / "new.pt"), "--model", MODEL)
+    expected = pm.path_metric(new, old, SHAPE)
+    assert expected.value > 0 and close(found["value"], expected.value)
