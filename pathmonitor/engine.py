@@ -149,8 +149,8 @@ class Interpreter:
             return Scaled(args[0], scale)
         if kind is OpKind.LINEAR:
             return Scaled(op.fn(*args, **kwargs), scale)
-        if kind is OpKind.POOL:
-            return Scaled(op.pool.magnitudes(args[0], self.q), scale)
+        if kind is OpKind.POOL:  # keyword arguments: settings computed during forward (an output size)
+            return Scaled(op.pool.magnitudes(args[0], self.q, **kwargs), scale)
         if kind is OpKind.SCALE:
             constant = op.fn(args[1])
             if not isinstance(constant, (int, float)):

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import SupportReport, UnsupportedModelError, UnsupportedNode
 from .layers import AFFINE_TYPES, unsupported_reason
-from .pools import FUNCTIONAL_POOLS, POOL_TYPES, MeanReduce, Pool, pool_from_module
+from .pools import FUNCTIONAL_POOLS, INTERPOLATION_DIMS, POOL_TYPES, Interpolation, MeanReduce, Pool, pool_from_module
 
 
 class OpKind(enum.Enum):
@@ -115,6 +115,8 @@ _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
 _TRANSPOSE_ATTRIBUTES = {"T", "mT"}
 _MEAN_FUNCTIONS = {torch.mean}
 _NEAREST = ("nearest", "nearest-exact")
+# F.interpolate's parameters after the input, in order
+_INTERPOLATE_ARGUMENTS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 
 
 def _method_name(name: str) -> str:
@@ -355,6 +357,11 @@ class _Builder:
                               kwargs={})
         if isinstance(module, _IDENTITY_MODULES):
             return self._make(node, OpKind.IDENTITY, label, args=(self._input_ref(node),), kwargs={})
+        if isinstance(module, nn.Upsample) and module.mode in INTERPOLATION_DIMS:
+            settings = {"size": module.size, "scale_factor": module.scale_factor,
+                        "recompute_scale_factor": module.recompute_scale_factor}
+            return self._make(node, OpKind.POOL, label, args=(self._input_ref(node),), kwargs=settings,
+                              pool=Interpolation(INTERPOLATION_DIMS[module.mode], bool(module.align_corners)))
         reason = _reindex_module_problem(module)
         if reason:
             self._reject(name, kind, reason)
@@ -392,13 +399,7 @@ class _Builder:
         if not is_method and target in FUNCTIONAL_POOLS:
             return self._functional_pool(node, label, what)
         if not is_method and target is F.interpolate:
-            _, rest, kwargs = _split_input(node)
-            mode = kwargs.get("mode", rest[2] if len(rest) > 2 else "nearest")
-            if mode in _NEAREST:
-                return self._make(node, OpKind.LINEAR, label, fn=target)
-            self._reject(self._scope_name(node), what,
-                         f"mode {mode!r} interpolates; only nearest upsampling is supported")
-            return None
+            return self._interpolate(node, label, what)
         if not is_method and target is F.pad:
             _, rest, kwargs = _split_input(node)
             mode = kwargs.get("mode", rest[1] if len(rest) > 1 else "constant")
@@ -409,6 +410,30 @@ class _Builder:
             return None
         self._reject(self._scope_name(node), what, _function_reason(node, len(self._activations(node))))
         return None
+
+    def _interpolate(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
+        """Nearest modes copy values (a re-indexing); linear, bilinear and trilinear are fixed maps with
+        non-negative coefficients (an `Interpolation`); the output size may be computed during forward."""
+        _, rest, kwargs = _split_input(node)
+        settings = dict(zip(_INTERPOLATE_ARGUMENTS, rest), **kwargs)
+        mode, align_corners = settings.get("mode", "nearest"), settings.get("align_corners")
+        if isinstance(mode, fx.Node) or isinstance(align_corners, fx.Node) or isinstance(settings.get("antialias"),
+                                                                                          fx.Node):
+            self._reject(self._scope_name(node), what, "interpolation with a mode computed during forward")
+            return None
+        if mode in _NEAREST:
+            return self._make(node, OpKind.LINEAR, label, fn=F.interpolate)
+        if mode not in INTERPOLATION_DIMS:
+            self._reject(self._scope_name(node), what, f"mode {mode!r} has negative coefficients; nearest, linear, "
+                                                       f"bilinear and trilinear interpolation are supported")
+            return None
+        if settings.get("antialias"):
+            self._reject(self._scope_name(node), what, "antialiased interpolation is not supported; pass "
+                                                       "antialias=False")
+            return None
+        chosen = {key: settings.get(key) for key in ("size", "scale_factor", "recompute_scale_factor")}
+        return self._make(node, OpKind.POOL, label, args=(self._input_ref(node),), kwargs=self._refs(chosen),
+                          pool=Interpolation(INTERPOLATION_DIMS[mode], bool(align_corners)))
 
     def _attribute(self, node: fx.Node, label: str, what: str) -> Optional[PathOp]:
         attribute = node.args[1]
@@ -512,7 +537,8 @@ def _mixing_problem(node: fx.Node, constants: list[fx.Node]) -> Optional[str]:
 
 def _reindex_module_problem(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.Upsample) and module.mode not in _NEAREST:
-        return f"mode {module.mode!r} interpolates; only nearest upsampling is supported"
+        return (f"mode {module.mode!r} has negative coefficients; nearest, linear, bilinear and trilinear "
+                f"upsampling are supported")
     if isinstance(module, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)) and module.value != 0:
         return "pads with a non-zero constant, a bias without a parameter"
     return None

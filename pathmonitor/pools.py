@@ -155,7 +155,59 @@ class MeanReduce:
         return average if q == 1 else average * (x.numel() // average.numel()) ** (1 - q)
 
 
-Pool = Union[WindowPool, AdaptivePool, MeanReduce]
+INTERPOLATION_DIMS = {"linear": 1, "bilinear": 2, "trilinear": 3}
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    """Linear / bilinear / trilinear interpolation (F.interpolate, nn.Upsample): a fixed linear map whose
+    coefficients are non-negative and, per output position, a product of one 1-D linear interpolation
+    weight per spatial axis. In the |theta|^q network every coefficient c becomes c^q, which keeps that
+    product form: the map is applied axis by axis with each 1-D weight raised to q. The output size or
+    scale factor may be computed during forward; they arrive as arguments of `magnitudes`."""
+
+    dims: int
+    align_corners: bool
+
+    def magnitudes(self, x: Tensor, q: float, size=None, scale_factor=None, recompute_scale_factor=None) -> Tensor:
+        settings = (self._per_axis(size), self._per_axis(scale_factor), recompute_scale_factor)
+        if q == 1:
+            return self._interpolate(x, *settings)
+        return self.separable(x, q, *settings)
+
+    def separable(self, x: Tensor, q: float, size=None, scale_factor=None, recompute_scale_factor=None) -> Tensor:
+        """The map with every coefficient raised to q, one spatial axis at a time."""
+        size, scale_factor, out = self._per_axis(size), self._per_axis(scale_factor), x
+        for axis in range(self.dims):
+            weights = self._axis_weights(axis, x.shape[2 + axis], size, scale_factor, recompute_scale_factor,
+                                         x.dtype, x.device) ** q  # (out length, in length)
+            moved = torch.tensordot(weights, out.movedim(2 + axis, 0), dims=([1], [0]))
+            out = moved.movedim(0, 2 + axis)
+        return out
+
+    def _per_axis(self, value):
+        if value is None or isinstance(value, (tuple, list, torch.Size)):
+            return None if value is None else tuple(value)
+        return (value,) * self.dims
+
+    def _interpolate(self, x: Tensor, size, scale_factor, recompute_scale_factor) -> Tensor:
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[self.dims]
+        return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=self.align_corners,
+                             recompute_scale_factor=recompute_scale_factor)
+
+    @functools.lru_cache(maxsize=64)
+    def _axis_weights(self, axis: int, length: int, size, scale_factor, recompute_scale_factor,
+                      dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The 1-D interpolation weights of one axis, read off PyTorch's own linear interpolation of the
+        unit vectors (the same source-index rule, per axis, as its bilinear and trilinear)."""
+        units = torch.eye(length, dtype=dtype, device=device).unsqueeze(1)  # (length, 1, length)
+        along = F.interpolate(units, size=None if size is None else size[axis],
+                              scale_factor=None if scale_factor is None else scale_factor[axis], mode="linear",
+                              align_corners=self.align_corners, recompute_scale_factor=recompute_scale_factor)
+        return along[:, 0, :].T.contiguous()  # cached and shared: never written to
+
+
+Pool = Union[WindowPool, AdaptivePool, MeanReduce, Interpolation]
 
 
 def pool_from_module(module: nn.Module) -> Pool:

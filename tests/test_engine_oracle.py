@@ -110,3 +110,57 @@ def test_reindexing_and_padding_modules():
     with torch.no_grad():
         for q in (1, 3):
             assert float(pm.path_norm(net, (2, 5, 6), q)) ** q == pytest.approx(path_sum(dag, q), rel=1e-9)
+
+
+INTERPOLATIONS = {
+    "bilinear x2": (lambda: nn.Upsample(scale_factor=2, mode="bilinear"), (2, 3, 4)),
+    "bilinear x2 corners": (lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), (2, 3, 4)),
+    "bilinear to 5x7": (lambda: nn.Upsample(size=(5, 7), mode="bilinear"), (2, 3, 4)),
+    "bilinear down to 2x3": (lambda: nn.Upsample(size=(2, 3), mode="bilinear", align_corners=True), (2, 4, 5)),
+    "bilinear x1.5": (lambda: nn.Upsample(scale_factor=1.5, mode="bilinear"), (2, 3, 4)),
+    "bilinear x1.5 recomputed": (lambda: nn.Upsample(scale_factor=(1.5, 1.7), mode="bilinear",
+                                                     recompute_scale_factor=True), (2, 3, 4)),
+    "UpsamplingBilinear2d": (lambda: nn.UpsamplingBilinear2d(scale_factor=2), (2, 3, 3)),
+    "functional, size from the shape": (lambda: Fn(lambda x: F.interpolate(
+        x, size=(x.shape[-2] * 2 - 1, x.shape[-1] + 2), mode="bilinear", align_corners=True)), (2, 3, 4)),
+    "functional, positional mode": (lambda: Fn(lambda x: F.interpolate(x, None, 2.0, "bilinear")), (2, 3, 3)),
+    "linear": (lambda: nn.Upsample(scale_factor=3, mode="linear"), (2, 5)),
+    "trilinear": (lambda: nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True), (2, 2, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTERPOLATIONS))
+def test_interpolation_edges_are_the_coefficients_raised_to_q(name):
+    """Linear, bilinear and trilinear upsampling are fixed maps with non-negative coefficients: edges
+    whose weights are the interpolation coefficients, raised to q in the |theta|^q network (MATH.md §1)."""
+    make_upsample, shape = INTERPOLATIONS[name]
+    torch.manual_seed(0)
+    conv = {2: nn.Conv1d, 3: nn.Conv2d, 4: nn.Conv3d}[len(shape)]
+    net = nn.Sequential(conv(shape[0], 3, 1), nn.ReLU(), make_upsample(), nn.ReLU(), conv(3, 2, 1))
+    dag = neuron_dag(net, shape)
+    for q in (1, 2, 3):
+        with torch.no_grad():
+            norm = float(pm.path_norm(net, shape, q=q))
+        assert norm ** q == pytest.approx(path_sum(dag, q), rel=1e-9), f"{name} q={q}"
+
+
+def test_the_separable_form_is_pytorchs_interpolation():
+    """The axis-by-axis map at q = 1 is F.interpolate itself, for every setting the tests above use."""
+    from pathmonitor.pools import Interpolation
+
+    x = torch.rand(2, 3, 5, 6, dtype=torch.float64)
+    for align_corners in (False, True):
+        pool = Interpolation(2, align_corners)
+        for options in ({"scale_factor": 2.0}, {"size": (7, 4)}, {"scale_factor": (1.5, 0.6)},
+                        {"scale_factor": 1.7, "recompute_scale_factor": True}):
+            direct = pool.magnitudes(x, 1.0, **options)
+            assert torch.allclose(pool.separable(x, 1.0, **options), direct, rtol=1e-12, atol=1e-14), options
+
+
+def test_interpolations_outside_the_path_model_are_refused_by_name():
+    for layer, reason in ((lambda: nn.Upsample(scale_factor=2, mode="bicubic"), "negative coefficients"),
+                          (lambda: Fn(lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)),
+                           "antialias")):
+        net = nn.Sequential(nn.Conv2d(1, 2, 1), layer())
+        with pytest.raises(pm.UnsupportedModelError, match=reason):
+            pm.path_norm(net, (1, 4, 4))

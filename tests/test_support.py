@@ -62,7 +62,7 @@ CASES = [
     (nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4)), (1, 5, 5), "1", "GroupNorm"),
     (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1)), (4,), "1", "Softmax"),
     (nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)), (1, 5, 5), "1", "BatchNorm2d"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2, mode="bilinear")), (1, 5, 5), "1", "Upsample"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2, mode="bicubic")), (1, 5, 5), "1", "Upsample"),
     (nn.Sequential(StandardizedConv(1, 2, 3)), (1, 5, 5), "0", "StandardizedConv"),
     (Attention(), (3, 4), "attn", "MultiheadAttention"),
 ]
