@@ -424,8 +424,7 @@ class _Builder:
         if mode in _NEAREST:
             return self._make(node, OpKind.LINEAR, label, fn=F.interpolate)
         if mode not in INTERPOLATION_DIMS:
-            self._reject(self._scope_name(node), what, f"mode {mode!r} has negative coefficients; nearest, linear, "
-                                                       f"bilinear and trilinear interpolation are supported")
+            self._reject(self._scope_name(node), what, _interpolation_problem(mode))
             return None
         if settings.get("antialias"):
             self._reject(self._scope_name(node), what, "antialiased interpolation is not supported; pass "
@@ -535,10 +534,16 @@ def _mixing_problem(node: fx.Node, constants: list[fx.Node]) -> Optional[str]:
     return None
 
 
+def _interpolation_problem(mode: str) -> str:
+    if mode == "area":
+        return "area interpolation is adaptive average pooling: write it as F.adaptive_avg_pool*d"
+    return (f"mode {mode!r} has negative coefficients; nearest, linear, bilinear and trilinear interpolation are "
+            f"supported")
+
+
 def _reindex_module_problem(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.Upsample) and module.mode not in _NEAREST:
-        return (f"mode {module.mode!r} has negative coefficients; nearest, linear, bilinear and trilinear "
-                f"upsampling are supported")
+        return _interpolation_problem(module.mode)
     if isinstance(module, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)) and module.value != 0:
         return "pads with a non-zero constant, a bias without a parameter"
     return None

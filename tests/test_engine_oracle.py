@@ -159,6 +159,7 @@ def test_the_separable_form_is_pytorchs_interpolation():
 
 def test_interpolations_outside_the_path_model_are_refused_by_name():
     for layer, reason in ((lambda: nn.Upsample(scale_factor=2, mode="bicubic"), "negative coefficients"),
+                          (lambda: nn.Upsample(scale_factor=2, mode="area"), "adaptive average pooling"),
                           (lambda: Fn(lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)),
                            "antialias")):
         net = nn.Sequential(nn.Conv2d(1, 2, 1), layer())
