@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
 import warnings
 
 import pytorch_lightning as pl
@@ -33,8 +31,10 @@ from pathmonitor.callbacks.digits import DigitsData, DigitsNet
 from pathmonitor.graph import capture
 from pathmonitor.pruning import prune_round, ramped_sparsity
 from pathmonitor.sources import ModuleSource
+from common import side_by_side
 
 EPOCHS, END, SHAPE = 10, 6, (1, 8, 8)
+STEPS = 20  # training steps timed together against one round
 
 
 def ramp(target: float, epoch: int) -> float:
@@ -109,23 +109,16 @@ def round_cost(repeats: int) -> None:
              if isinstance(m, (nn.Conv2d, nn.Linear))}
     cap = int(0.8 * sum(mask.numel() for mask in masks.values()))
 
-    def step() -> None:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    def steps() -> None:
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
 
-    def one_round() -> None:
-        prune_round(graph, net, source, masks, 0.5, cap)
-
-    times: dict[str, list[float]] = {"round": [], "step": []}
-    for _ in range(repeats):  # alternately, so that the machine's noise hits both alike
-        for label, work in (("round", one_round), ("step", step)):
-            count = 1 if label == "round" else 20
-            start = time.perf_counter()
-            for _ in range(count):
-                work()
-            times[label].append((time.perf_counter() - start) / count)
-    round_time, step_time = statistics.median(times["round"]), statistics.median(times["step"])
+    # alternately, so that the machine's noise hits both alike
+    medians = side_by_side({"round": lambda: prune_round(graph, net, source, masks, 0.5, cap), "steps": steps},
+                           repeats)
+    round_time, step_time = medians["round"], medians["steps"] / STEPS
     print(f"\none pruning round (budget 0.5, cap 80%, 4 re-scorings): {round_time * 1e3:.0f} ms; one training step: "
           f"{step_time * 1e3:.1f} ms; ratio {round_time / step_time:.0f}x (medians of {repeats})")
 

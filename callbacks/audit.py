@@ -4,7 +4,8 @@ fact, and a figure of a run's TensorBoard logs.
 Each subcommand prints a short table, or with `--json` one JSON object on stdout (numbers at full float64
 precision; a value beyond float64 is null beside its exact log10). Bad input ends with one line on stderr,
 `pathmonitor <command>: <file>: <problem>`, and exit code 2, before anything is written (`--debug` shows
-the traceback instead). A progress bar on stderr follows the computation once the inputs have loaded.
+the traceback instead). A progress bar on stderr (a terminal only) follows the steps and is erased before
+an error line.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathmonitor.metrics import certified_change
 from pathmonitor.norms import norm_and_log, validated_input_shape, validated_q
 from pathmonitor.sources import ModuleSource
 
-from .base import example_input_shape
+from .base import example_input_shape, exponent_tag, log10
 from .checkpoints import AuditError, Loaded, load_model
 
 COMMANDS = ("norm", "drift", "scores", "bound", "quantize", "report")
@@ -90,10 +91,10 @@ def norm(args: argparse.Namespace, progress: Progress) -> dict:
     loaded, shape = _load(args.checkpoint, args, progress)
     graph, norms = capture(loaded.model, shape), {}
     for q in args.q:
-        with progress.step(f"L{_tag(q)} path-norm"):
+        with progress.step(f"L{exponent_tag(q)} path-norm"):
             value, log_value = norm_and_log(graph, loaded.model, ModuleSource(loaded.model), validated_q(q))
-        norms[f"l{_tag(q)}"] = _finite_or_none(value)
-        norms[f"log10_l{_tag(q)}"] = _log10(log_value)
+        norms[f"l{exponent_tag(q)}"] = _finite_or_none(value)
+        norms[f"log10_l{exponent_tag(q)}"] = _log10(log_value)
     return {"command": "norm", **_describe(loaded, shape), "norms": norms}
 
 
@@ -202,11 +203,7 @@ def _finite_or_none(value: float) -> Optional[float]:
 
 
 def _log10(log_value: float) -> Optional[float]:
-    return _finite_or_none(log_value / math.log(10)) if log_value != -math.inf else None
-
-
-def _tag(q: float) -> str:
-    return str(int(q)) if float(q).is_integer() else f"{q:g}"
+    return _finite_or_none(log10(log_value)) if log_value != -math.inf else None
 
 
 def _as_text(result: dict) -> str:

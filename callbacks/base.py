@@ -116,6 +116,13 @@ class PathCallback(Callback):
         return self.tracked.at(moment(trainer))
 
 
+def between_deepspeed_micro_batches(trainer: "pl.Trainer") -> bool:
+    """Whether `on_before_optimizer_step` runs inside DeepSpeed's own gradient accumulation: DeepSpeed
+    calls it after every micro-batch, and only the accumulation boundary steps."""
+    trained = trainer.model
+    return has_class_named(trained, "DeepSpeedEngine") and not trained.is_gradient_accumulation_boundary()
+
+
 def check_deepspeed_gradients(engine: Any, who: str) -> None:
     """Refuse the DeepSpeed set-ups where the gradients cannot be reached at `on_before_optimizer_step`,
     rather than let a callback that edits them silently do nothing."""

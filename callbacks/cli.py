@@ -48,11 +48,15 @@ class PathMonitorCLI(LightningCLI):
             print(run_summary(self.trainer))
 
 
+def lightning_cli(argv: Sequence[str]) -> PathMonitorCLI:
+    """LightningCLI on `argv` (a subcommand and its options), any LightningModule and data module."""
+    return PathMonitorCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
+                          subclass_mode_data=True, args=list(argv), save_config_kwargs={"overwrite": True})
+
+
 def fit(argv: Sequence[str]) -> "pl.Trainer":
     """`pathmonitor fit ARGV` in this process; the trainer after the run."""
-    cli = PathMonitorCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
-                         subclass_mode_data=True, args=["fit", *argv], save_config_kwargs={"overwrite": True})
-    return cli.trainer
+    return lightning_cli(["fit", *argv]).trainer
 
 
 def changes_weights(entry: object) -> bool:
@@ -153,8 +157,7 @@ def main(args: Optional[Sequence[str]] = None) -> None:
         return
     if argv[:1] and argv[0] in COMMANDS:
         sys.exit(audit_main(argv))
-    PathMonitorCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   args=argv, save_config_kwargs={"overwrite": True})
+    lightning_cli(argv)
 
 
 if __name__ == "__main__":

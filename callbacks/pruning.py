@@ -18,7 +18,8 @@ from pathmonitor.masking import MaskKeeper, mask_keeper
 from pathmonitor.pruning import Budget, Certified, Ramp, Scope, check_budget, prune_round, ramped_sparsity
 from pathmonitor.scores import selected_modules
 
-from .base import MonitorError, PathCallback, check_deepspeed_gradients, is_due, log_values, restore
+from .base import (MonitorError, PathCallback, between_deepspeed_micro_batches, check_deepspeed_gradients, is_due,
+                   log_values, restore)
 
 Selection = Sequence[tuple[nn.Module, str]]
 
@@ -175,11 +176,7 @@ class PathBudgetPruning(PathCallback):
     # -- when ----------------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: Optimizer) -> None:
-        trained = trainer.model
-        # DeepSpeed accumulates by itself and calls this hook after every micro-batch
-        if has_class_named(trained, "DeepSpeedEngine") and not trained.is_gradient_accumulation_boundary():
-            return
-        if self.rounds:
+        if self.rounds and not between_deepspeed_micro_batches(trainer):
             self.keeper.gradients(self._weight_parameters(), self.masks)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:

@@ -23,7 +23,7 @@ from pathmonitor.gradients import gradient_adder
 from pathmonitor.norms import validated_q
 from pathmonitor.penalty import penalty_gradients
 
-from .base import MonitorError, PathCallback, check_deepspeed_gradients, log_values
+from .base import MonitorError, PathCallback, between_deepspeed_micro_batches, check_deepspeed_gradients, log_values
 
 
 class PathNormRegularizer(PathCallback):
@@ -89,9 +89,7 @@ class PathNormRegularizer(PathCallback):
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: Optimizer) -> None:
-        trained = trainer.model
-        # DeepSpeed accumulates by itself and calls this hook after every micro-batch
-        if has_class_named(trained, "DeepSpeedEngine") and not trained.is_gradient_accumulation_boundary():
+        if between_deepspeed_micro_batches(trainer):
             return
         step = trainer.global_step
         if step % self.every_n_steps:
@@ -102,7 +100,7 @@ class PathNormRegularizer(PathCallback):
             tracked = self.tracked
             factor = weight * self.every_n_steps * _still_scaled_by(trainer, optimizer)
             values["regularizer/penalty"] = penalty_gradients(tracked.graph, tracked.model, tracked.source, self.q,
-                                                              self.use_log, gradient_adder(trained, factor))
+                                                              self.use_log, gradient_adder(trainer.model, factor))
         self.last = values
         log_values(trainer, values)
 

@@ -39,6 +39,26 @@ def full_shape(t: Tensor) -> torch.Size:
     return t.ds_shape if is_zero3_parameter(t) else t.shape
 
 
+def zero3_partition_size(p: nn.Parameter) -> int:
+    """Entries per rank of a ZeRO-3 parameter (DeepSpeed's own count: the buffer may be offloaded)."""
+    return p.ds_tensor.ds_numel
+
+
+def zero3_padded(p: nn.Parameter, full: Tensor) -> Tensor:
+    """`full` flattened and padded with zeros to world x partition, as ZeRO-3 lays a parameter out."""
+    world_size = dist.get_world_size(group=p.ds_process_group)
+    padded = full.new_zeros(zero3_partition_size(p) * world_size)
+    padded[:full.numel()] = full.reshape(-1)
+    return padded
+
+
+def zero3_piece(p: nn.Parameter, full: Tensor) -> Tensor:
+    """The entries of `full` (the parameter's shape) that this rank's ZeRO-3 partition holds."""
+    size = zero3_partition_size(p)
+    rank = dist.get_rank(group=p.ds_process_group)
+    return zero3_padded(p, full)[rank * size:(rank + 1) * size]
+
+
 def has_class_named(obj: object, name: str) -> bool:
     """Whether `obj` is an instance of a class called `name`: a test that imports nothing."""
     return any(cls.__name__ == name for cls in type(obj).__mro__)

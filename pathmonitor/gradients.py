@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from .distributed import has_class_named, is_zero3_parameter, world
+from .distributed import has_class_named, is_zero3_parameter, zero3_padded
 
 GradientAdder = Callable[[str, nn.Parameter, Tensor], None]
 
@@ -42,9 +42,7 @@ def _deepspeed_adder(factor: float) -> GradientAdder:
                                f"it is frozen or not handed to the optimizer")
         value = current + (grad * factor).to(current.dtype)
         if is_zero3_parameter(p):  # ZeRO-3 reads its piece from the flattened value padded to world x partition
-            padded = value.new_zeros(p.ds_tensor.numel() * world()[1])
-            padded[:value.numel()] = value.flatten()
-            value = padded
+            value = zero3_padded(p, value)
         safe_set_full_grad(p, value)
 
     return add

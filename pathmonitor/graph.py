@@ -358,10 +358,7 @@ class _Builder:
         if isinstance(module, _IDENTITY_MODULES):
             return self._make(node, OpKind.IDENTITY, label, args=(self._input_ref(node),), kwargs={})
         if isinstance(module, nn.Upsample) and module.mode in INTERPOLATION_DIMS:
-            settings = {"size": module.size, "scale_factor": module.scale_factor,
-                        "recompute_scale_factor": module.recompute_scale_factor}
-            return self._make(node, OpKind.POOL, label, args=(self._input_ref(node),), kwargs=settings,
-                              pool=Interpolation(INTERPOLATION_DIMS[module.mode], bool(module.align_corners)))
+            return self._interpolation(node, label, module.mode, module.align_corners, vars(module))
         reason = _reindex_module_problem(module)
         if reason:
             self._reject(name, kind, reason)
@@ -430,6 +427,12 @@ class _Builder:
             self._reject(self._scope_name(node), what, "antialiased interpolation is not supported; pass "
                                                        "antialias=False")
             return None
+        return self._interpolation(node, label, mode, align_corners, settings)
+
+    def _interpolation(self, node: fx.Node, label: str, mode: str, align_corners: Optional[bool],
+                       settings: dict) -> PathOp:
+        """The POOL op of a linear-mode interpolation; its output size or scale factor, possibly computed
+        during forward, reaches `Interpolation.magnitudes` as keyword arguments."""
         chosen = {key: settings.get(key) for key in ("size", "scale_factor", "recompute_scale_factor")}
         return self._make(node, OpKind.POOL, label, args=(self._input_ref(node),), kwargs=self._refs(chosen),
                           pool=Interpolation(INTERPOLATION_DIMS[mode], bool(align_corners)))

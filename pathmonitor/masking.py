@@ -16,11 +16,10 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .distributed import has_class_named, is_zero3_parameter
+from .distributed import has_class_named, is_zero3_parameter, zero3_partition_size, zero3_piece
 
 Masks = Mapping[str, Tensor]  # {name: bool mask of the weight's shape, True = kept}
 Weights = Mapping[str, nn.Parameter]
@@ -106,6 +105,14 @@ class DeepSpeedMaskKeeper:
 
     def __init__(self, optimizer):
         self.optimizer = optimizer  # DeepSpeed's ZeRO optimizer
+        self._pieces: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (mask, this rank's part of it)
+
+    def _piece(self, name: str, p: nn.Parameter, mask: Tensor) -> Tensor:
+        """This rank's ZeRO-3 part of `mask`, cut once per mask: the gradients need it at every step."""
+        cached = self._pieces.get(name)
+        if cached is None or cached[0] is not mask:
+            cached = self._pieces[name] = (mask, zero3_piece(p, mask))
+        return cached[1]
 
     @torch.no_grad()
     def weights(self, weights: Weights, masks: Masks) -> None:
@@ -113,7 +120,7 @@ class DeepSpeedMaskKeeper:
             if is_zero3_parameter(p):
                 from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
-                piece = _zero3_piece(p, masks[name])
+                piece = self._piece(name, p, masks[name])
                 _edit_zero3_live(p, lambda part: part.mul_(piece.to(part.device)), lambda whole: whole.mul_(
                     masks[name].to(whole.device)))
                 _mask_through(safe_get_local_fp32_param(p), lambda v: safe_set_local_fp32_param(p, v), piece)
@@ -131,7 +138,8 @@ class DeepSpeedMaskKeeper:
             elif is_zero3_parameter(p):
                 from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
-                _mask_through(safe_get_local_grad(p), lambda v: safe_set_local_grad(p, v), _zero3_piece(p, masks[name]))
+                _mask_through(safe_get_local_grad(p), lambda v: safe_set_local_grad(p, v),
+                              self._piece(name, p, masks[name]))
             elif _owns_fragment(p):
                 grad = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
                 grad.mul_(_fragment_of(p, masks[name]).reshape(grad.shape).to(grad.device))
@@ -152,7 +160,8 @@ class DeepSpeedMaskKeeper:
             if is_zero3_parameter(p):
                 from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_optimizer_state
 
-                keep = _zero3_piece(p, masks[name]) if not reset else torch.zeros(_partition_size(p), dtype=torch.bool)
+                keep = (torch.zeros(zero3_partition_size(p), dtype=torch.bool) if reset
+                        else self._piece(name, p, masks[name]))
                 for key in _zero3_state_keys(p):
                     _mask_through(safe_get_local_optimizer_state(p, key),
                                   lambda v, key=key: safe_set_local_optimizer_state(p, v, key), keep)
@@ -191,7 +200,7 @@ class DeepSpeedMaskKeeper:
             value = values[name].to(torch.float32) * masks[name].to(values[name].device)
             if is_zero3_parameter(p):
                 # the full setter narrows an unpadded value: it fails on the last rank for odd sizes
-                piece = _zero3_piece(p, value)
+                piece = zero3_piece(p, value)
                 safe_set_local_fp32_param(p, piece)
                 _edit_zero3_live(p, lambda part: part.copy_(piece),
                                  lambda whole: whole.copy_(value.reshape(whole.shape)))
@@ -220,26 +229,6 @@ def _mask_through(value: Tensor | None, write, keep: Tensor) -> None:
 def _owns_fragment(p: nn.Parameter) -> bool:
     """Whether this rank owns a ZeRO-1/2 fragment of `p` (its master copy, gradient and state)."""
     return getattr(p, "_hp_mapping", None) is not None
-
-
-def _partition_size(p: nn.Parameter) -> int:
-    """Entries per rank of a ZeRO-3 parameter (DeepSpeed's own count: the buffer may be offloaded)."""
-    return p.ds_tensor.ds_numel
-
-
-def _zero3_piece(p: nn.Parameter, full: Tensor) -> Tensor:
-    """The entries of `full` (the parameter's shape) that this rank's ZeRO-3 partition holds."""
-    size = _partition_size(p)
-    rank = dist.get_rank(group=p.ds_process_group)
-    return _padded(p, full)[rank * size:(rank + 1) * size]
-
-
-def _padded(p: nn.Parameter, full: Tensor) -> Tensor:
-    """`full` flattened and padded with zeros to world x partition, as ZeRO-3 lays a parameter out."""
-    world_size = dist.get_world_size(group=p.ds_process_group)
-    padded = full.new_zeros(_partition_size(p) * world_size)
-    padded[:full.numel()] = full.reshape(-1)
-    return padded
 
 
 def _fragment_of(p: nn.Parameter, full: Tensor) -> Tensor:

@@ -170,10 +170,9 @@ class Interpolation:
     align_corners: bool
 
     def magnitudes(self, x: Tensor, q: float, size=None, scale_factor=None, recompute_scale_factor=None) -> Tensor:
-        settings = (self._per_axis(size), self._per_axis(scale_factor), recompute_scale_factor)
         if q == 1:
-            return self._interpolate(x, *settings)
-        return self.separable(x, q, *settings)
+            return self._interpolate(x, size, scale_factor, recompute_scale_factor)
+        return self.separable(x, q, size, scale_factor, recompute_scale_factor)
 
     def separable(self, x: Tensor, q: float, size=None, scale_factor=None, recompute_scale_factor=None) -> Tensor:
         """The map with every coefficient raised to q, one spatial axis at a time."""
