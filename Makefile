@@ -27,6 +27,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/monitor_overhead.py
 	$(PY) benchmarks/regularizer_overhead.py
 	$(PY) benchmarks/pruning_digits.py
+	$(PY) benchmarks/zoo_capture.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -12,7 +12,11 @@ INPUT_SHAPE = (3, 224, 224)
 
 
 def model(name: str) -> torch.nn.Module:
+    """A torchvision model by name, or a timm one as "timm/<name>" (random weights)."""
     torch.manual_seed(0)
+    if name.startswith("timm/"):
+        import timm
+        return timm.create_model(name.removeprefix("timm/"), pretrained=False).eval()
     return getattr(torchvision.models, name)().eval()
 
 

@@ -22,7 +22,7 @@ import torch
 import pathmonitor as pm
 from common import INPUT_SHAPE, model as _model, rss, side_by_side, timed
 
-MODELS = ("resnet18", "resnet50")
+MODELS = ("resnet18", "resnet50", "timm/densenet121")
 
 
 def time_ratio(name: str, repeats: int) -> dict:

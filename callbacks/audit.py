@@ -26,7 +26,7 @@ from pathmonitor.metrics import certified_change
 from pathmonitor.norms import norm_and_log, validated_input_shape, validated_q
 from pathmonitor.sources import ModuleSource
 
-from .base import example_input_shape, exponent_tag, log10
+from .values import example_input_shape, exponent_tag, log10
 from .checkpoints import AuditError, Loaded, load_model
 
 COMMANDS = ("norm", "drift", "scores", "bound", "quantize", "report")

@@ -9,7 +9,6 @@ identical on every rank (the computation is collective), so no reduction across 
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Hashable, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -23,6 +22,8 @@ from pathmonitor.graph import ignore_bookkeeping
 from pathmonitor.norms import check_support, validated_input_shape
 from pathmonitor.tracking import TrackedModel, tracked
 
+from .values import example_input_shape
+
 # Lightning rewrites these on the LightningModule in every hook (the current hook's name, ...): the
 # captured graph must not be traced again for them
 ignore_bookkeeping(pl.LightningModule, set(vars(pl.LightningModule())) - set(vars(nn.Module())))
@@ -30,11 +31,6 @@ ignore_bookkeeping(pl.LightningModule, set(vars(pl.LightningModule())) - set(var
 
 class MonitorError(ValueError):
     """A pathmonitor callback is misconfigured for this model; raised at set-up, before any training step."""
-
-
-def exponent_tag(q: float) -> str:
-    """'1' for q = 1.0, '1.5' for q = 1.5: integers in tag names where the exponent is integral."""
-    return str(int(q)) if float(q).is_integer() else f"{q:g}"
 
 
 def moment(trainer: "pl.Trainer") -> Hashable:
@@ -136,24 +132,9 @@ def check_deepspeed_gradients(engine: Any, who: str) -> None:
                            f"Use ZeRO stage 1, 2 or 3 with bf16 gradients accumulated in bf16.")
 
 
-def example_input_shape(module: nn.Module) -> tuple[int, ...]:
-    """The shape of `module.example_input_array` without its batch dimension; ValueError saying why not."""
-    example = getattr(module, "example_input_array", None)
-    if isinstance(example, torch.Tensor) and example.dim() >= 2:
-        return validated_input_shape(example.shape[1:])
-    if example is None:
-        raise ValueError(f"{type(module).__name__} has no example_input_array")
-    raise ValueError(f"the example_input_array of {type(module).__name__} is a {type(example).__name__}, not one "
-                     f"batched tensor (path quantities are defined for one input)")
-
-
 def is_due(step: int, every_n: Optional[int], last_step: int) -> bool:
     """Right after an optimizer step, when `step` (1 after the first step) is a multiple of n and not yet handled."""
     return every_n is not None and step > 0 and step != last_step and step % every_n == 0
-
-
-def log10(log_value: float) -> float:
-    return log_value / math.log(10)
 
 
 def restore(target: Any, state: Mapping[str, Any], keys: Sequence[str]) -> None:

@@ -9,7 +9,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from pathmonitor.bounds import check_number
 
-from .base import PathCallback, log10, log_values, restore
+from .base import PathCallback, log_values, restore
+from .values import log10
 from .data_pass import measure_accuracy_gap, training_set_statistics
 
 LAYOUT = {"pathmonitor": {"generalization bound vs measured gap": ["Multiline", ["bound/value", "bound/gap"]]}}

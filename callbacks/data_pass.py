@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
 from pathmonitor.distributed import world
-from pathmonitor.graph import eval_mode
+from pathmonitor.tracer import eval_mode
 
 from .base import MonitorError
 

@@ -8,7 +8,8 @@ import pytorch_lightning as pl
 from pathmonitor.bounds import check_number
 from pathmonitor.norms import validated_q
 
-from .base import PathCallback, exponent_tag, is_due, log10, log_values, restore
+from .base import PathCallback, is_due, log_values, restore
+from .values import exponent_tag, log10
 
 
 class PathNormMonitor(PathCallback):

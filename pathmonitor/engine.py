@@ -166,10 +166,12 @@ class Interpreter:
 
     def _affine(self, op: PathOp, x: Tensor, log_scale: float) -> Scaled:
         module = self.model.get_submodule(op.target)
+        # a functional call on the layer's tensors carries its own settings (a padding, say)
+        apply = op.fn or functools.partial(apply_affine, module)
         with self.magnitudes.affine(op.target, module) as (weight, bias):
             if not self.log_scaled:
-                return Scaled(apply_affine(module, x, weight, bias))
-            z = apply_affine(module, x, weight, None)
+                return Scaled(apply(x, weight, bias))
+            z = apply(x, weight, None)
             z_log = _log_max(z)
             terms = [z_log + log_scale]
             if bias is not None:

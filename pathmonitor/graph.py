@@ -6,13 +6,12 @@ so that all problems of a model are reported together and before any training st
 from __future__ import annotations
 
 import builtins
-import contextlib
 import enum
 import functools
 import operator
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -20,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SupportReport, UnsupportedModelError, UnsupportedNode
-from .layers import AFFINE_TYPES, unsupported_reason
+from .layers import AFFINE_TYPES, BATCH_NORMS, FUNCTIONAL_AFFINE, FunctionalAffine, tensor_names, unsupported_reason
 from .pools import FUNCTIONAL_POOLS, INTERPOLATION_DIMS, POOL_TYPES, Interpolation, MeanReduce, Pool, pool_from_module
+from .tracer import ScopedTracer, eval_mode, untouched
 
 
 class OpKind(enum.Enum):
@@ -133,76 +133,48 @@ def _function_name(target: Any) -> str:
     return prefix + name
 
 
-class _ScopedTracer(fx.Tracer):
-    """Records, for every node, the qualified name and type of the module whose forward created it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._scopes: list[tuple[str, str]] = [("", "")]
-        self.failed_in: Optional[tuple[str, str]] = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m, forward, args, kwargs):
-        scope = (self.path_of_module(m), type(m).__name__)
-        self._scopes.append(scope)
-        try:
-            # m.forward, not the wrapped __call__: the user's hooks must not see tracing proxies
-            return super().call_module(m, m.forward, args, kwargs)
-        except Exception:
-            self.failed_in = self.failed_in or scope
-            raise
-        finally:
-            self._scopes.pop()
-
-    def create_node(self, *args, **kwargs):
-        node = super().create_node(*args, **kwargs)
-        node.meta["pathmonitor_scope"] = self._scopes[-1]
-        return node
+def _leaf_type(m: nn.Module) -> Optional[type]:
+    """The layer type of the path model that `m` is an instance of, if any."""
+    return next((cls for cls in _LEAF_TYPES if isinstance(m, cls)), None)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode for the duration; each module's own flag restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        for m, _ in flags:  # the flag itself: a custom train() override may have side effects
-            m.training = False
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
+def _is_leaf(m: nn.Module) -> bool:
+    """Layers are recorded as single calls, unless a subclass of a supported layer overrides forward:
+    that forward is user code like any other, traced into."""
+    matched = _leaf_type(m)
+    return matched is not None and (matched in KNOWN_UNSUPPORTED_MODULES or type(m).forward is matched.forward)
 
 
-def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+def _example(model: nn.Module, input_shape: tuple[int, ...]) -> Optional[torch.Tensor]:
+    """A meta input of batch 1 in the model's floating dtype; none for a graph without input shape."""
+    if not input_shape:
+        return None
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
+    return torch.empty((1,) + tuple(input_shape), dtype=dtype, device="meta")
+
+
+def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[fx.Graph, dict[str, Any]]:
     """The fx graph, and the tensor literals of `forward` that fx stores as attributes of the root.
-    The model is left as it was: those attributes are taken back out, and buffers that forward code
-    changed while being traced (a counter, say) get their values back."""
-    if isinstance(model, _LEAF_TYPES):  # a bare layer: fx would trace into its functional forward
+    The model is left as it was (see `untouched`)."""
+    if _is_leaf(model):  # a bare layer: fx would trace into its functional forward
         graph = fx.Graph()
         graph.output(graph.call_module("", (graph.placeholder("input"),)))
         return graph, {}
-    tracer = _ScopedTracer()
+    tracer = ScopedTracer(_is_leaf, _example(model, input_shape))
     before = set(vars(model))
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
-        with eval_mode(model):
+        with untouched(model), eval_mode(model):
             graph = tracer.trace(model)
-        return graph, {key: vars(model)[key] for key in set(vars(model)) - before}
+            return graph, {key: vars(model)[key] for key in set(vars(model)) - before}
     except Exception as error:
         name, kind = tracer.failed_in or ("<model>", type(model).__name__)
-        raise UnsupportedModelError((UnsupportedNode(
-            name or "<model>", kind,
-            f"could not be traced symbolically ({type(error).__name__}: {error}); data-dependent "
-            f"control flow cannot be captured"),)) from error
-    finally:
-        for key in set(vars(model)) - before:
-            delattr(model, key)
-        with torch.no_grad():  # forward code that touches no input runs for real while tracing
-            for name, b in model.named_buffers():
-                if name in buffers and not torch.equal(b, buffers[name]):
-                    b.copy_(buffers[name])
+        cause = f"{type(error).__name__}: {error}"
+        reason = (f"could not be traced for input_shape {tuple(input_shape)} ({cause}): the input shape does not "
+                  f"fit the model, or forward branches on the values of its input, which cannot be captured"
+                  if input_shape else
+                  f"could not be traced without an input shape ({cause}): if forward branches on its input's "
+                  f"shape, pass input_shape; branches on its values cannot be captured")
+        raise UnsupportedModelError((UnsupportedNode(name or "<model>", kind, reason),)) from error
 
 
 class _Builder:
@@ -285,6 +257,8 @@ class _Builder:
                 self.shape_like.add(node)
             label = self._label(node, _function_name(node.target))
             return self._make(node, OpKind.VALUE, label, fn=self._callable(node))
+        if node.op == "call_function" and node.target in FUNCTIONAL_AFFINE:
+            return self._functional_affine(node)
         indexing = node.target in (operator.getitem, "__getitem__")  # index tensors select, they do not mix
         problem = _mixing_problem(node, [] if indexing else
                                   [n for n in inputs if n not in self.activation and n not in self.shape_like])
@@ -331,7 +305,7 @@ class _Builder:
         name = node.target or "<model>"
         kind = type(module).__name__
         label = f"{name} ({kind})"
-        matched = next((cls for cls in _LEAF_TYPES if isinstance(module, cls)), None)
+        matched = _leaf_type(module)
         if matched is None:
             self._reject(name, kind, "is not a supported layer (unknown leaf module)")
             return None
@@ -364,6 +338,49 @@ class _Builder:
             self._reject(name, kind, reason)
             return None
         return self._make(node, OpKind.LINEAR, label, target=node.target, fn=module.forward)
+
+    def _functional_affine(self, node: fx.Node) -> Optional[PathOp]:
+        """F.linear, F.conv* or F.batch_norm applied to the tensors of one layer (in a subclass's own
+        forward, say) is that layer's affine map, with the settings of the call."""
+        what = _function_name(node.target)
+        where = self._scope_name(node)
+        types, names = FUNCTIONAL_AFFINE[node.target]
+        settings = dict(zip(names, node.args), **node.kwargs)
+        keys = ("running_mean", "running_var", "weight", "bias") if types is BATCH_NORMS else ("weight", "bias")
+        owners = set()
+        for key in keys:
+            value = settings.get(key)
+            if value is None:
+                continue
+            if not (isinstance(value, fx.Node) and value.op == "get_attr" and value.target not in self.constants
+                    and value.target.rpartition(".")[2] == key):
+                self._reject(where, what, f"its {key} is not a layer's own {key} but a tensor computed during "
+                                          f"forward (weight standardization, say) or passed in, outside the path model")
+                return None
+            owners.add(value.target.rpartition(".")[0])
+        owner = owners.pop() if len(owners) == 1 else None
+        module = None if owner is None else self.model.get_submodule(owner)
+        if not isinstance(module, types):
+            layer = "batch-norm" if types is BATCH_NORMS else types[0].__name__
+            self._reject(where, what, f"applies tensors that are not those of one {layer} layer")
+            return None
+        passed = {key for key in keys if settings.get(key) is not None}
+        settings = {key: value for key, value in settings.items() if key != "input" and key not in keys}
+        reason = unsupported_reason(module)
+        if any(getattr(module, key) is not None and key not in passed for key in tensor_names(module)):
+            reason = f"leaves out tensors of {owner} ({type(module).__name__}), so its map is not the layer's"
+        elif _reads_nodes(settings):
+            reason = "is called with settings computed during forward"
+        elif types is BATCH_NORMS and settings.get("training"):
+            reason = "normalizes by batch statistics (training=True), which is not an affine map"
+        elif types is BATCH_NORMS and settings.get("eps", 1e-5) != module.eps:
+            reason = f"uses eps={settings.get('eps', 1e-5)}, not the eps of {owner}, whose statistics it reads"
+        if reason:
+            self._reject(where, what, reason)
+            return None
+        apply = None if types is BATCH_NORMS else FunctionalAffine(node.target, settings)
+        return self._make(node, OpKind.AFFINE, self._label(node, what), target=owner, fn=apply,
+                          args=(self._input_ref(node),), kwargs={})
 
     def _function_op(self, node: fx.Node) -> Optional[PathOp]:
         target = node.target
@@ -521,6 +538,13 @@ def _operands(node: fx.Node) -> list[Any]:
     return operands
 
 
+def _reads_nodes(value: Any) -> bool:
+    """Whether `value` holds a value computed during forward, at any depth."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
 def _in_place(method: str) -> bool:
     return method.endswith("_") and not method.endswith("__")
 
@@ -629,7 +653,7 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> PathGraph:
     cached = per_model.get(input_shape)
     if cached is not None and cached[0] == structure:
         return cached[1]
-    traced, constants = _trace(model)
+    traced, constants = _trace(model, input_shape)
     graph = _Builder(model, input_shape, constants).build(traced)
     per_model[input_shape] = (structure, graph)
     return graph

@@ -7,7 +7,8 @@ and c = beta - mean*a.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,38 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 AFFINE_TYPES = (nn.Linear,) + CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS + BATCH_NORMS
 
 _TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+_CONVOLUTION_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_TRANSPOSED_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+# functional forms of the affine layers: the layer types whose tensors they may apply, their parameters in order
+FUNCTIONAL_AFFINE: dict[Callable, tuple[tuple[type, ...], tuple[str, ...]]] = {
+    F.linear: ((nn.Linear,), ("input", "weight", "bias")),
+    F.conv1d: ((nn.Conv1d,), _CONVOLUTION_ARGUMENTS),
+    F.conv2d: ((nn.Conv2d,), _CONVOLUTION_ARGUMENTS),
+    F.conv3d: ((nn.Conv3d,), _CONVOLUTION_ARGUMENTS),
+    F.conv_transpose1d: ((nn.ConvTranspose1d,), _TRANSPOSED_ARGUMENTS),
+    F.conv_transpose2d: ((nn.ConvTranspose2d,), _TRANSPOSED_ARGUMENTS),
+    F.conv_transpose3d: ((nn.ConvTranspose3d,), _TRANSPOSED_ARGUMENTS),
+    F.batch_norm: (BATCH_NORMS, ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+                                 "eps")),
+}
+
+
+@dataclass(frozen=True)
+class FunctionalAffine:
+    """A layer's own weight and bias applied by a functional call with the call's own settings
+    (stride, padding, dilation, groups): the affine map an overridden forward computes."""
+
+    function: Callable
+    settings: Mapping[str, Any]
+
+    def __call__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return self.function(x, weight, bias, **self.settings)
+
+    def keeps_channel_layout(self, module: nn.Module) -> bool:
+        """Whether the call groups channels as the layer does, so a rescaling of the layer's channels
+        is one of the call's."""
+        return self.settings.get("groups", 1) == getattr(module, "groups", 1)
 
 
 def parameter_name(module_name: str, key: str) -> str:

@@ -86,10 +86,12 @@ class WindowPool:
 
     def _window_sum(self, x: Tensor) -> Tensor:
         """Sum over each window of real (unpadded) positions, with max-pool windowing rules."""
-        channels = x.shape[1]
-        ones = _ones_kernel((channels, 1) + self.kernel_size, x.dtype, x.device)
         pad = self._padding(tuple(x.shape[2:]))
         padded = F.pad(x, pad) if any(pad) else x
+        if self.dims > 1 and all(d == 1 for d in self.dilation):  # the same sums, several times faster
+            return _AVG_POOL_FUNCTIONS[self.dims](padded, self.kernel_size, self.stride, 0, False, True, 1)
+        channels = x.shape[1]
+        ones = _ones_kernel((channels, 1) + self.kernel_size, x.dtype, x.device)
         return _CONV[self.dims](padded, ones, None, self.stride, 0, self.dilation, channels)
 
     @functools.lru_cache(maxsize=64)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
-from .graph import OpKind, PathGraph, topology
+from .graph import OpKind, PathGraph, PathOp, capture, topology
 from .layers import BATCH_NORMS, CONVOLUTIONS, TRANSPOSED_CONVOLUTIONS
 from .norms import unwrapped
 from .pools import MeanReduce
@@ -82,7 +82,7 @@ def rescalable_pairs(graph: PathGraph, model: nn.Module) -> list[tuple[str, list
     calls = Counter(graph.affine_modules())
     pairs = []
     for i, op in enumerate(graph.ops):
-        if op.kind is not OpKind.AFFINE or calls[op.target] > 1:
+        if op.kind is not OpKind.AFFINE or calls[op.target] > 1 or not _layer_layout(op, model):
             continue
         producer = model.get_submodule(op.target)
         if isinstance(producer, BATCH_NORMS) and not producer.affine:
@@ -97,7 +97,7 @@ def rescalable_pairs(graph: PathGraph, model: nn.Module) -> list[tuple[str, list
             if user.kind in _CHANNEL_PRESERVING or (
                     poolable and user.kind is OpKind.POOL and not isinstance(user.pool, MeanReduce)):
                 frontier += users.get(index, [])
-            elif user.kind is OpKind.AFFINE and calls[user.target] == 1 and \
+            elif user.kind is OpKind.AFFINE and calls[user.target] == 1 and _layer_layout(user, model) and \
                     _channels_last(model.get_submodule(user.target)) == _channels_last(producer):
                 consumers.append(user.target)
             else:
@@ -107,10 +107,17 @@ def rescalable_pairs(graph: PathGraph, model: nn.Module) -> list[tuple[str, list
     return pairs
 
 
+def _layer_layout(op: PathOp, model: nn.Module) -> bool:
+    """Whether an affine op lays out channels as its layer does (a functional call may group them otherwise)."""
+    return op.fn is None or op.fn.keeps_channel_layout(model.get_submodule(op.target))
+
+
 def random_rescale(model: nn.Module, factors: Sequence[float] = (1, 128, 4096),
-                   generator: Optional[torch.Generator] = None) -> nn.Module:
+                   generator: Optional[torch.Generator] = None,
+                   input_shape: Optional[tuple[int, ...]] = None) -> nn.Module:
     """A copy of `model` in which every hidden channel that admits a simple function-preserving
-    rescaling (see `rescalable_pairs`) is multiplied by a factor drawn from `factors` (MATH.md §4)."""
+    rescaling (see `rescalable_pairs`) is multiplied by a factor drawn from `factors` (MATH.md §4).
+    `input_shape` is needed only by models whose forward branches on the shape of its input."""
     if not factors or any(not (isinstance(f, (int, float)) and f > 0) for f in factors):
         raise ValueError(f"factors must be positive numbers, got {factors!r}")
     model = unwrapped(model)
@@ -122,7 +129,8 @@ def random_rescale(model: nn.Module, factors: Sequence[float] = (1, 128, 4096),
                          f"torch.no_grad().") from error
     choices = torch.tensor([float(f) for f in factors], dtype=torch.float64)
     with torch.no_grad():
-        for producer_name, consumer_names in rescalable_pairs(topology(model), model):
+        graph = topology(model) if input_shape is None else capture(model, tuple(input_shape))
+        for producer_name, consumer_names in rescalable_pairs(graph, model):
             producer = rescaled.get_submodule(producer_name)
             picks = torch.randint(len(choices), (_output_channels(producer),), generator=generator)
             lam = choices[picks]

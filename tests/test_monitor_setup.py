@@ -335,7 +335,7 @@ def test_pathmonitor_demo_trains_the_demo_config_next_to_its_dense_twin(tmp_path
 
 
 def test_the_dense_twin_drops_the_callbacks_that_change_weights_however_spelled():
-    from pathmonitor.callbacks.cli import dense_twin
+    from pathmonitor.callbacks.train import dense_twin
 
     config = {"trainer": {"callbacks": [{"class_path": "PathBudgetPruning"},
                                         {"class_path": "pathmonitor.callbacks.pruning.PathBudgetPruning"},

@@ -38,12 +38,6 @@ class DataDependent(nn.Module):
         return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
 
-class StandardizedConv(nn.Conv2d):
-    def forward(self, x):
-        w = self.weight - self.weight.mean()
-        return self._conv_forward(x, w, self.bias)
-
-
 class Attention(nn.Module):
     def __init__(self):
         super().__init__()
@@ -63,7 +57,6 @@ CASES = [
     (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1)), (4,), "1", "Softmax"),
     (nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)), (1, 5, 5), "1", "BatchNorm2d"),
     (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2, mode="bicubic")), (1, 5, 5), "1", "Upsample"),
-    (nn.Sequential(StandardizedConv(1, 2, 3)), (1, 5, 5), "0", "StandardizedConv"),
     (Attention(), (3, 4), "attn", "MultiheadAttention"),
 ]
 

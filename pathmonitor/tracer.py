@@ -1,0 +1,241 @@
+"""Tracing a module's forward into an fx graph that knows the input's shape (MATH.md section 1).
+
+The path graph is defined for one input shape, so shape questions asked by forward code (`x.shape`,
+`x.size(1)`, `x.dim()`, `len(x)`) are answered with numbers during tracing: every traced value also
+carries a meta tensor (shape and dtype, no data) computed alongside it, and Python control flow on
+shapes follows the branch the real input takes. Where no meta value can be computed (an op meta
+tensors do not support), the value falls back to being symbolic, as plain fx tracing would have it.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .distributed import full_shape
+
+_NO_META = object()  # a value whose meta tensor could not be computed
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode for the duration; each module's own flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:  # the flag itself: a custom train() override may have side effects
+            m.training = False
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Every module's attributes, parameters, buffers and children as they were before, and every
+    buffer's values: forward code runs while being traced, and may count calls, cache tables per input
+    shape (holding tracing proxies) or store tensor literals."""
+    saved = [(m, dict(vars(m)), {key: dict(vars(m)[key]) for key in _MODULE_TABLES}) for m in model.modules()]
+    values = {id(b): (b, b.detach().clone()) for b in model.buffers()}
+    try:
+        yield
+    finally:
+        for module, attributes, tables in saved:
+            vars(module).clear()
+            vars(module).update(attributes)
+            for key, table in tables.items():
+                attributes[key].clear()
+                attributes[key].update(table)
+        with torch.no_grad():
+            for buffer, value in values.values():
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
+
+
+def _meta_tensor(t: Tensor) -> Tensor:
+    """A tensor's meta twin at its full shape (a ZeRO-3 partition is empty on every rank)."""
+    return torch.empty(full_shape(t), dtype=t.dtype, device="meta")
+
+
+def _meta_of(value: Any) -> Any:
+    """The meta counterpart of a traced argument, or _NO_META when one of its parts has none."""
+    if isinstance(value, fx.proxy.Attribute):
+        root = _meta_of(value.root)
+        return _NO_META if root is _NO_META else getattr(root, value.attr)
+    if isinstance(value, fx.Proxy):
+        return vars(value).get("_meta", _NO_META)
+    if isinstance(value, Tensor):
+        return value if value.is_meta else _meta_tensor(value)
+    if isinstance(value, (tuple, list)):
+        parts = [_meta_of(v) for v in value]
+        if any(p is _NO_META for p in parts):
+            return _NO_META
+        return type(value)(*parts) if hasattr(value, "_fields") else type(value)(parts)  # a namedtuple
+    if isinstance(value, dict):
+        parts = {k: _meta_of(v) for k, v in value.items()}
+        return _NO_META if any(p is _NO_META for p in parts.values()) else parts
+    return value
+
+
+class ShapedProxy(fx.Proxy):
+    """A proxy whose shape questions are answered from its meta tensor when it has one."""
+
+    def _known(self) -> Optional[Tensor]:
+        meta = vars(self).get("_meta", _NO_META)
+        return meta if isinstance(meta, Tensor) else None
+
+    def _symbolic(self, method: str, *args: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_method", method, (self,) + args, {})
+
+    @property
+    def shape(self) -> Any:
+        meta = self._known()
+        return meta.shape if meta is not None else fx.Proxy.__getattr__(self, "shape")
+
+    @property
+    def ndim(self) -> Any:
+        meta = self._known()
+        return meta.ndim if meta is not None else fx.Proxy.__getattr__(self, "ndim")
+
+    @property
+    def dtype(self) -> Any:
+        meta = self._known()
+        return meta.dtype if meta is not None else fx.Proxy.__getattr__(self, "dtype")
+
+    def size(self, dim: Optional[int] = None) -> Any:
+        meta = self._known()
+        if meta is None:
+            return self._symbolic("size") if dim is None else self._symbolic("size", dim)
+        return meta.size() if dim is None else meta.size(dim)
+
+    def dim(self) -> Any:
+        meta = self._known()
+        return meta.dim() if meta is not None else self._symbolic("dim")
+
+    def numel(self) -> Any:
+        meta = self._known()
+        return meta.numel() if meta is not None else self._symbolic("numel")
+
+    def __len__(self) -> int:
+        meta = vars(self).get("_meta", _NO_META)
+        if isinstance(meta, (Tensor, tuple, list)):
+            return len(meta)
+        return fx.Proxy.__len__(self)
+
+
+class ScopedTracer(fx.Tracer):
+    """Records, for every node, the qualified name and type of the module whose forward created it,
+    and, given an example meta input, the meta value of every node (see the module docstring).
+
+    `leaf(m)` says which modules are recorded as single calls rather than traced into."""
+
+    def __init__(self, leaf: Callable[[nn.Module], bool], example: Optional[Tensor] = None) -> None:
+        super().__init__()
+        self._leaf = leaf
+        self._example = example
+        self._scopes: list[tuple[str, str]] = [("", "")]
+        self._computing_meta = False
+        self.failed_in: Optional[tuple[str, str]] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return self._leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._computing_meta:  # a parametrization computing a leaf's weight: plain code, not traced
+            return forward(*args, **kwargs)
+        scope = (self.path_of_module(m), type(m).__name__)
+        self._scopes.append(scope)
+        try:
+            # m.forward, not the wrapped __call__: the user's hooks must not see tracing proxies
+            return super().call_module(m, m.forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or scope
+            raise
+        finally:
+            self._scopes.pop()
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta["pathmonitor_scope"] = self._scopes[-1]
+        return node
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ShapedProxy(node, self)
+
+    def trace(self, root, concrete_args=None):
+        # `torch.jit.isinstance(x, torch.Tensor)` guards branches in forward code (MONAI's, say): a
+        # traced tensor must pass it, or the branch the real input takes is silently skipped
+        checking = torch.jit.isinstance
+        torch.jit.isinstance = lambda value, kind: checking(_meta_of(value), kind)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.jit.isinstance = checking
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self._example is not None:
+            proxy._meta = self._meta(kind, target, args, kwargs)
+        return proxy
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        # while a meta value is computed, module attributes are plain values, not new graph nodes
+        return attr_val if self._computing_meta else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _meta(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        """The meta value of a new node, computed from its arguments' meta values."""
+        if kind == "placeholder":
+            first = not any(n.op == "placeholder" for n in list(self.graph.nodes)[:-1])
+            return self._example if first else _NO_META
+        self._computing_meta = True
+        try:
+            if kind == "get_attr":
+                value = self._attribute(target)
+                return _meta_tensor(value) if isinstance(value, Tensor) else _NO_META
+            metas = _meta_of((args, kwargs))
+            if metas is _NO_META or kind not in ("call_function", "call_method", "call_module"):
+                return _NO_META
+            (args, kwargs) = metas
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            return _meta_twin(self.root.get_submodule(target)).forward(*args, **kwargs)
+        except Exception:  # an op without meta support: its value stays symbolic
+            return _NO_META
+        finally:
+            self._computing_meta = False
+
+    def _attribute(self, target: str) -> Any:
+        """The tensor a get_attr node names, read from the owner's own dictionaries: attribute access
+        on modules is patched while tracing and would record a node of its own."""
+        owner, _, key = target.rpartition(".")
+        module = self.root.get_submodule(owner)
+        for table in (module._parameters, module._buffers, vars(module)):
+            if key in table:
+                return table[key]
+        return None
+
+
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A stand-in for a leaf layer whose parameters and buffers are meta tensors of full shape, so its
+    forward computes output shapes without data, without hooks and without gathering shards. A layer
+    under torch.nn.utils.parametrize stands in as its plain class holding the computed tensors."""
+    parametrized = parametrize.is_parametrized(module)
+    twin = object.__new__(type(module).__mro__[1] if parametrized else type(module))
+    twin.__dict__.update(vars(module))
+    tensors = dict(module._parameters)
+    if parametrized:
+        tensors.update({name: getattr(module, name) for name in module.parametrizations})
+        twin._modules = {k: m for k, m in module._modules.items() if k != "parametrizations"}
+    twin._parameters = {k: None if p is None else nn.Parameter(_meta_tensor(p), p.requires_grad)
+                        for k, p in tensors.items()}
+    twin._buffers = {k: None if b is None else _meta_tensor(b) for k, b in module._buffers.items()}
+    return twin
