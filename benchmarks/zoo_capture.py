@@ -40,10 +40,10 @@ def main() -> None:
                 first = timed(lambda: pm.path_norm(model, entry.input_shape))
             except pm.UnsupportedModelError as error:
                 first = timed(lambda: pm.check_support(model, entry.input_shape))  # capture again: the cost of refusing
-                print(f"| {entry.name} | {shape} | {size:.1f}M | {_refusal(error)} | {first * 1e3:.0f} ms | |")
+                print(f"| {entry.name} | {shape} | {size:.2f}M | {_refusal(error)} | {first * 1e3:.0f} ms | |")
                 continue
             cached = timed(lambda: pm.path_norm(model, entry.input_shape))
-        print(f"| {entry.name} | {shape} | {size:.1f}M | computed | {first * 1e3:.0f} ms | {cached * 1e3:.0f} ms |")
+        print(f"| {entry.name} | {shape} | {size:.2f}M | computed | {first * 1e3:.0f} ms | {cached * 1e3:.0f} ms |")
 
 
 if __name__ == "__main__":
