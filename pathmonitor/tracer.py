@@ -130,6 +130,13 @@ class ShapedProxy(fx.Proxy):
         return fx.Proxy.__len__(self)
 
 
+class ShapedSequenceProxy(ShapedProxy):
+    """A traced tuple or list of known length (the parts of a split or a chunk): loops over it work."""
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        return iter([self[i] for i in range(len(self))])
+
+
 class ScopedTracer(fx.Tracer):
     """Records, for every node, the qualified name and type of the module whose forward created it,
     and, given an example meta input, the meta value of every node (see the module docstring).
@@ -183,6 +190,8 @@ class ScopedTracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self._example is not None:
             proxy._meta = self._meta(kind, target, args, kwargs)
+            if isinstance(proxy, ShapedProxy) and isinstance(proxy._meta, (tuple, list)):
+                proxy.__class__ = ShapedSequenceProxy
         return proxy
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:

@@ -244,3 +244,19 @@ def test_parametrized_layers_keep_shapes_known():
         plain.bias.copy_(conv.bias)
         twin = nn.Sequential(plain, nn.ReLU(), model[2])
         assert float(pm.path_norm(model, (3, 8, 8))) == pytest.approx(float(pm.path_norm(twin, (3, 8, 8))), rel=1e-12)
+
+
+class LoopsOverParts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(2, 2, 3, padding=1) for _ in range(2))
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.convs, x.split(2, 1))], 1)
+
+
+def test_loops_over_the_parts_of_a_split():
+    model = LoopsOverParts().eval()
+    with torch.no_grad():
+        assert float(pm.path_norm(model, (4, 5, 5))) == pytest.approx(l1_path_norm_by_surgery(model, (4, 5, 5)),
+                                                                     rel=1e-9)
