@@ -12,6 +12,10 @@ _HOMES = {"GeneralizationBoundMonitor": "bound_monitor", "MonitorError": "base",
 __all__ = sorted(_HOMES)
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
+
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,8 +13,22 @@ from .audit import COMMANDS
 from .audit import main as audit_main
 
 
+OVERVIEW = """pathmonitor trains with path quantities in view, and audits what training left.
+
+training, through LightningCLI (`pathmonitor fit --help` lists its options):
+  pathmonitor fit --config configs/digits.yaml   also validate, test, predict; configs stack
+  pathmonitor demo [--config CONFIG ...]         the demo config next to its dense twin, compared
+  pathmonitor certify-demo                       path-norms of torchvision models, a certified pruning
+                                                 and quantizations of ResNet-18
+
+auditing checkpoints and runs (`pathmonitor norm --help` and so on):"""
+
+
 def main(args: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
+    if argv in ([], ["-h"], ["--help"]):
+        print(OVERVIEW)
+        sys.exit(audit_main(["--help"]))
     if argv[:1] == ["certify-demo"]:
         from pathmonitor.demo import main as certify_demo
 

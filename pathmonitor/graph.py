@@ -146,10 +146,13 @@ def _is_leaf(m: nn.Module) -> bool:
 
 
 def _example(model: nn.Module, input_shape: tuple[int, ...]) -> Optional[torch.Tensor]:
-    """A meta input of batch 1 in the model's floating dtype; none for a graph without input shape."""
+    """A meta input of batch 1 in the dtype of the model's first weighted layer (a batch-norm may be kept
+    in another precision); none for a graph without input shape."""
     if not input_shape:
         return None
-    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
+    weights = (m.weight for m in model.modules() if isinstance(m, AFFINE_TYPES) and not isinstance(m, BATCH_NORMS))
+    dtype = next((w.dtype for w in weights if isinstance(w, torch.Tensor) and w.is_floating_point()),
+                 torch.get_default_dtype())
     return torch.empty((1,) + tuple(input_shape), dtype=dtype, device="meta")
 
 
@@ -352,10 +355,12 @@ class _Builder:
             value = settings.get(key)
             if value is None:
                 continue
-            if not (isinstance(value, fx.Node) and value.op == "get_attr" and value.target not in self.constants
-                    and value.target.rpartition(".")[2] == key):
-                self._reject(where, what, f"its {key} is not a layer's own {key} but a tensor computed during "
-                                          f"forward (weight standardization, say) or passed in, outside the path model")
+            attribute = isinstance(value, fx.Node) and value.op == "get_attr" and value.target not in self.constants
+            if not (attribute and value.target.rpartition(".")[2] == key):
+                self._reject(where, what, f"its {key} is the tensor {value.target!r}, not a layer's own {key}: a fixed "
+                                          f"filter outside the path model's parameters" if attribute else
+                             f"its {key} is not a layer's own {key} but a tensor computed during forward (weight "
+                             f"standardization, say) or passed in, outside the path model")
                 return None
             owners.add(value.target.rpartition(".")[0])
         owner = owners.pop() if len(owners) == 1 else None
@@ -643,7 +648,11 @@ def _structure(model: nn.Module) -> tuple:
 
 
 def _settings(module: nn.Module, ignored: frozenset[str]) -> tuple:
-    return tuple((key, _setting(value)) for key, value in vars(module).items() if key not in ignored)
+    # torch.nn.utils.prune recomputes `weight` from `weight_orig` at every forward; forward reads it, the
+    # path model reads the original and the mask
+    pruned = {key.removesuffix("_orig") for key in module._parameters.keys() if key.endswith("_orig")}
+    return tuple((key, _setting(value)) for key, value in vars(module).items() if key not in ignored and
+                 key not in pruned)
 
 
 def capture(model: nn.Module, input_shape: tuple[int, ...]) -> PathGraph:

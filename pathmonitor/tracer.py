@@ -39,20 +39,24 @@ _MODULE_TABLES = ("_parameters", "_buffers", "_modules")
 
 @contextlib.contextmanager
 def untouched(model: nn.Module) -> Iterator[None]:
-    """Every module's attributes, parameters, buffers and children as they were before, and every
-    buffer's values: forward code runs while being traced, and may count calls, cache tables per input
-    shape (holding tracing proxies) or store tensor literals."""
-    saved = [(m, dict(vars(m)), {key: dict(vars(m)[key]) for key in _MODULE_TABLES}) for m in model.modules()]
+    """Every module's attributes, and the parameters, buffers and children it had, as they were before,
+    with every buffer's values: forward code runs while being traced, and may count calls, cache tables
+    per input shape (holding tracing proxies) or store tensor literals. Parameters, buffers and children
+    that forward registers on its first call stay: the graph uses them, as the next real call would."""
+    saved = [(m, dict(vars(m)), {key: dict(vars(m)[key].items()) for key in _MODULE_TABLES}) for m in model.modules()]
     values = {id(b): (b, b.detach().clone()) for b in model.buffers()}
     try:
         yield
     finally:
         for module, attributes, tables in saved:
+            live = {key: vars(module)[key] for key in _MODULE_TABLES}
             vars(module).clear()
             vars(module).update(attributes)
-            for key, table in tables.items():
+            for key, table in tables.items():  # .items(): ZeRO-3's tables gather on item access
+                registered = {name: value for name, value in live[key].items() if name not in table}
                 attributes[key].clear()
                 attributes[key].update(table)
+                attributes[key].update(registered)
         with torch.no_grad():
             for buffer, value in values.values():
                 if not torch.equal(buffer, value):
@@ -168,6 +172,13 @@ class ScopedTracer(fx.Tracer):
         finally:
             self._scopes.pop()
 
+    def path_of_module(self, mod: nn.Module) -> str:
+        try:
+            return super().path_of_module(mod)
+        except NameError:  # a child that forward has just built: the paths were listed when tracing began
+            self.submodule_paths = {m: name for name, m in self.root.named_modules()}
+            return super().path_of_module(mod)
+
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         node.meta["pathmonitor_scope"] = self._scopes[-1]
@@ -216,7 +227,7 @@ class ScopedTracer(fx.Tracer):
                 return target(*args, **kwargs)
             if kind == "call_method":
                 return getattr(args[0], target)(*args[1:], **kwargs)
-            return _meta_twin(self.root.get_submodule(target)).forward(*args, **kwargs)
+            return _meta_twin(self.root.get_submodule(target), _floating_dtype(args)).forward(*args, **kwargs)
         except Exception:  # an op without meta support: its value stays symbolic
             return _NO_META
         finally:
@@ -233,18 +244,27 @@ class ScopedTracer(fx.Tracer):
         return None
 
 
-def _meta_twin(module: nn.Module) -> nn.Module:
-    """A stand-in for a leaf layer whose parameters and buffers are meta tensors of full shape, so its
-    forward computes output shapes without data, without hooks and without gathering shards. A layer
-    under torch.nn.utils.parametrize stands in as its plain class holding the computed tensors."""
+def _floating_dtype(args: tuple) -> Optional[torch.dtype]:
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    return first.dtype if first is not None and first.is_floating_point() else None
+
+
+def _meta_twin(module: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
+    """A stand-in for a leaf layer whose parameters and buffers are meta tensors of full shape, in the
+    dtype of its input (a layer kept in another precision computes the same shapes), so its forward
+    computes output shapes without data, without hooks and without gathering shards. A layer under
+    torch.nn.utils.parametrize stands in as its plain class holding the computed tensors."""
     parametrized = parametrize.is_parametrized(module)
     twin = object.__new__(type(module).__mro__[1] if parametrized else type(module))
     twin.__dict__.update(vars(module))
-    tensors = dict(module._parameters)
+    tensors = dict(module._parameters.items())  # .items(): ZeRO-3's tables gather on item access
     if parametrized:
         tensors.update({name: getattr(module, name) for name in module.parametrizations})
         twin._modules = {k: m for k, m in module._modules.items() if k != "parametrizations"}
-    twin._parameters = {k: None if p is None else nn.Parameter(_meta_tensor(p), p.requires_grad)
-                        for k, p in tensors.items()}
-    twin._buffers = {k: None if b is None else _meta_tensor(b) for k, b in module._buffers.items()}
+
+    def meta(t: Tensor) -> Tensor:
+        return _meta_tensor(t).to(dtype) if dtype is not None and t.is_floating_point() else _meta_tensor(t)
+
+    twin._parameters = {k: None if p is None else nn.Parameter(meta(p), p.requires_grad) for k, p in tensors.items()}
+    twin._buffers = {k: None if b is None else meta(b) for k, b in module._buffers.items()}
     return twin

@@ -137,6 +137,17 @@ def test_every_subcommand_has_help(tmp_path):
         assert done.returncode == 0 and "--json" in done.stdout, name
 
 
+def test_the_command_alone_lists_every_subcommand(capsys):
+    from pathmonitor.callbacks.cli import main
+
+    for argv in ([], ["--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+        shown = capsys.readouterr().out
+        assert all(name in shown for name in ("fit", "demo", "certify-demo", "norm", "drift", "report"))
+
+
 def test_json_output_of_a_deepspeed_checkpoint_is_the_only_output(runs, tmp_path):
     out = runs("zero3")
     done = _command("norm", str(out / "ckpt" / "final.ckpt"), "--model", MODEL, "--json", cwd=tmp_path)

@@ -260,3 +260,56 @@ def test_loops_over_the_parts_of_a_split():
     with torch.no_grad():
         assert float(pm.path_norm(model, (4, 5, 5))) == pytest.approx(l1_path_norm_by_surgery(model, (4, 5, 5)),
                                                                      rel=1e-9)
+
+
+def _as_empty_partitions(model):
+    """Every parameter an empty tensor that remembers its full shape, as a ZeRO-3 rank holds it."""
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            empty = nn.Parameter(torch.empty(0, dtype=p.dtype))
+            empty.ds_id, empty.ds_shape = id(p), p.shape
+            module._parameters[key] = empty
+    return model
+
+
+def test_shapes_are_known_through_layers_whose_parameters_are_empty_partitions():
+    from pathmonitor.graph import capture
+
+    whole = capture(_randomized(ShapeBranches()), (3, 8, 8))
+    sharded = capture(_as_empty_partitions(_randomized(ShapeBranches())), (3, 8, 8))
+    described = [[(op.kind, op.target, op.label) for op in graph.ops] for graph in (whole, sharded)]
+    assert described[0] == described[1]
+    assert any(type(op.pool).__name__ == "WindowPool" for op in sharded.ops)  # the branch an 8x8 input takes
+
+
+class RegistersOnFirstCall(nn.Module):
+    """Registers a buffer and builds its head on the first forward, as lazily built models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        if not hasattr(self, "order"):
+            self.register_buffer("order", torch.arange(x.shape[1]).flip(0))
+            self.head = nn.Linear(x.shape[1] * 4 * 4, 2)
+        return self.head(self.conv(x[:, self.order]).flatten(1))
+
+
+def test_what_forward_registers_on_its_first_call_stays_for_the_graph():
+    torch.manual_seed(0)
+    model = RegistersOnFirstCall().eval()
+    with torch.no_grad():
+        value = float(pm.path_norm(model, (3, 6, 6)))
+        assert value == pytest.approx(l1_path_norm_by_surgery(model, (3, 6, 6)), rel=1e-9)
+    assert torch.equal(model.order, torch.tensor([2, 1, 0])) and isinstance(model.head, nn.Linear)
+
+
+def test_a_pruned_model_is_traced_once_however_many_forwards_run():
+    from pathmonitor.graph import capture
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    first = capture(model, (3, 6, 6))
+    model(torch.randn(1, 3, 6, 6))  # recomputes the pruned weight
+    assert capture(model, (3, 6, 6)) is first
