@@ -13,17 +13,16 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.cli import LightningCLI
 
+import pathmonitor.callbacks as package
+
 from .base import PathCallback
-from .bound_monitor import GeneralizationBoundMonitor
 from .checkpoints import AuditError
-from .drift import PathMetricDrift
-from .norm_monitor import PathNormMonitor
 from .pruning import PathBudgetPruning
 from .regularizer import PathNormRegularizer
 from .report import write_report
 
 # imported, not only named in configs: LightningCLI resolves a bare class name among the classes loaded
-CALLBACKS = (GeneralizationBoundMonitor, PathBudgetPruning, PathMetricDrift, PathNormMonitor, PathNormRegularizer)
+LOADED = tuple(getattr(package, name) for name in package.__all__)
 
 DEMO_CONFIG = Path("configs") / "digits.yaml"
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SupportReport, UnsupportedModelError, UnsupportedNode
-from .layers import AFFINE_TYPES, BATCH_NORMS, FUNCTIONAL_AFFINE, FunctionalAffine, tensor_names, unsupported_reason
+from .layers import AFFINE_TYPES, BATCH_NORMS, FUNCTIONAL_AFFINE, FunctionalAffine, unsupported_reason
 from .pools import FUNCTIONAL_POOLS, INTERPOLATION_DIMS, POOL_TYPES, Interpolation, MeanReduce, Pool, pool_from_module
 from .tracer import ScopedTracer, eval_mode, untouched
 
@@ -347,9 +347,8 @@ class _Builder:
         forward, say) is that layer's affine map, with the settings of the call."""
         what = _function_name(node.target)
         where = self._scope_name(node)
-        types, names = FUNCTIONAL_AFFINE[node.target]
+        types, names, keys = FUNCTIONAL_AFFINE[node.target]
         settings = dict(zip(names, node.args), **node.kwargs)
-        keys = ("running_mean", "running_var", "weight", "bias") if types is BATCH_NORMS else ("weight", "bias")
         owners = set()
         for key in keys:
             value = settings.get(key)
@@ -372,7 +371,7 @@ class _Builder:
         passed = {key for key in keys if settings.get(key) is not None}
         settings = {key: value for key, value in settings.items() if key != "input" and key not in keys}
         reason = unsupported_reason(module)
-        if any(getattr(module, key) is not None and key not in passed for key in tensor_names(module)):
+        if any(getattr(module, key) is not None and key not in passed for key in keys):
             reason = f"leaves out tensors of {owner} ({type(module).__name__}), so its map is not the layer's"
         elif _reads_nodes(settings):
             reason = "is called with settings computed during forward"

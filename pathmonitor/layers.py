@@ -21,19 +21,22 @@ AFFINE_TYPES = (nn.Linear,) + CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS + BATCH_NOR
 
 _TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
+_WEIGHTED_TENSORS = ("weight", "bias")
+_BATCH_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 _CONVOLUTION_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _TRANSPOSED_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-# functional forms of the affine layers: the layer types whose tensors they may apply, their parameters in order
-FUNCTIONAL_AFFINE: dict[Callable, tuple[tuple[type, ...], tuple[str, ...]]] = {
-    F.linear: ((nn.Linear,), ("input", "weight", "bias")),
-    F.conv1d: ((nn.Conv1d,), _CONVOLUTION_ARGUMENTS),
-    F.conv2d: ((nn.Conv2d,), _CONVOLUTION_ARGUMENTS),
-    F.conv3d: ((nn.Conv3d,), _CONVOLUTION_ARGUMENTS),
-    F.conv_transpose1d: ((nn.ConvTranspose1d,), _TRANSPOSED_ARGUMENTS),
-    F.conv_transpose2d: ((nn.ConvTranspose2d,), _TRANSPOSED_ARGUMENTS),
-    F.conv_transpose3d: ((nn.ConvTranspose3d,), _TRANSPOSED_ARGUMENTS),
+# functional forms of the affine layers: the layer types whose tensors they may apply, their parameters in
+# order, and which of those are the layer's tensors
+FUNCTIONAL_AFFINE: dict[Callable, tuple[tuple[type, ...], tuple[str, ...], tuple[str, ...]]] = {
+    F.linear: ((nn.Linear,), ("input", "weight", "bias"), _WEIGHTED_TENSORS),
+    F.conv1d: ((nn.Conv1d,), _CONVOLUTION_ARGUMENTS, _WEIGHTED_TENSORS),
+    F.conv2d: ((nn.Conv2d,), _CONVOLUTION_ARGUMENTS, _WEIGHTED_TENSORS),
+    F.conv3d: ((nn.Conv3d,), _CONVOLUTION_ARGUMENTS, _WEIGHTED_TENSORS),
+    F.conv_transpose1d: ((nn.ConvTranspose1d,), _TRANSPOSED_ARGUMENTS, _WEIGHTED_TENSORS),
+    F.conv_transpose2d: ((nn.ConvTranspose2d,), _TRANSPOSED_ARGUMENTS, _WEIGHTED_TENSORS),
+    F.conv_transpose3d: ((nn.ConvTranspose3d,), _TRANSPOSED_ARGUMENTS, _WEIGHTED_TENSORS),
     F.batch_norm: (BATCH_NORMS, ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
-                                 "eps")),
+                                 "eps"), _BATCH_NORM_TENSORS),
 }
 
 
@@ -61,9 +64,7 @@ def parameter_name(module_name: str, key: str) -> str:
 
 def tensor_names(module: nn.Module) -> tuple[str, ...]:
     """Names of the tensors of `module` that define its edge weights and biases."""
-    if isinstance(module, BATCH_NORMS):
-        return ("weight", "bias", "running_mean", "running_var")
-    return ("weight", "bias")
+    return _BATCH_NORM_TENSORS if isinstance(module, BATCH_NORMS) else _WEIGHTED_TENSORS
 
 
 def edge_parameters(module: nn.Module, tensors: Mapping[str, Optional[Tensor]]) -> tuple[Tensor, Optional[Tensor]]:

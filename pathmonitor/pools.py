@@ -192,7 +192,7 @@ class Interpolation:
         return (value,) * self.dims
 
     def _interpolate(self, x: Tensor, size, scale_factor, recompute_scale_factor) -> Tensor:
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[self.dims]
+        mode = next(name for name, dims in INTERPOLATION_DIMS.items() if dims == self.dims)
         return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=self.align_corners,
                              recompute_scale_factor=recompute_scale_factor)
 

@@ -63,9 +63,11 @@ def untouched(model: nn.Module) -> Iterator[None]:
                     buffer.copy_(value)
 
 
-def _meta_tensor(t: Tensor) -> Tensor:
-    """A tensor's meta twin at its full shape (a ZeRO-3 partition is empty on every rank)."""
-    return torch.empty(full_shape(t), dtype=t.dtype, device="meta")
+def _meta_tensor(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A tensor's meta twin at its full shape (a ZeRO-3 partition is empty on every rank), floating
+    tensors in `dtype` when given."""
+    chosen = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    return torch.empty(full_shape(t), dtype=chosen, device="meta")
 
 
 def _meta_of(value: Any) -> Any:
@@ -239,8 +241,9 @@ class ScopedTracer(fx.Tracer):
         owner, _, key = target.rpartition(".")
         module = self.root.get_submodule(owner)
         for table in (module._parameters, module._buffers, vars(module)):
-            if key in table:
-                return table[key]
+            for name, value in table.items():  # .items(): ZeRO-3's tables gather on item access
+                if name == key:
+                    return value
         return None
 
 
@@ -261,10 +264,7 @@ def _meta_twin(module: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
     if parametrized:
         tensors.update({name: getattr(module, name) for name in module.parametrizations})
         twin._modules = {k: m for k, m in module._modules.items() if k != "parametrizations"}
-
-    def meta(t: Tensor) -> Tensor:
-        return _meta_tensor(t).to(dtype) if dtype is not None and t.is_floating_point() else _meta_tensor(t)
-
-    twin._parameters = {k: None if p is None else nn.Parameter(meta(p), p.requires_grad) for k, p in tensors.items()}
-    twin._buffers = {k: None if b is None else meta(b) for k, b in module._buffers.items()}
+    twin._parameters = {k: None if p is None else nn.Parameter(_meta_tensor(p, dtype), p.requires_grad)
+                        for k, p in tensors.items()}
+    twin._buffers = {k: None if b is None else _meta_tensor(b, dtype) for k, b in module._buffers.items()}
     return twin
