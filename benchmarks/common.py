@@ -1,9 +1,14 @@
 """Shared helpers of the benchmarks: models, and interleaved side-by-side timing."""
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 import torchvision
@@ -18,6 +23,18 @@ def model(name: str) -> torch.nn.Module:
         import timm
         return timm.create_model(name.removeprefix("timm/"), pretrained=False).eval()
     return getattr(torchvision.models, name)().eval()
+
+
+def child_results(script: str, arguments: list[str], env: Mapping[str, str] | None = None) -> dict[str, object]:
+    """Run `script --child <scratch folder> *arguments` in a fresh process; the JSON files it wrote there, by stem.
+
+    The scratch folder (logs, checkpoints) is removed afterwards: a benchmark of many runs would otherwise
+    leave gigabytes behind.
+    """
+    with tempfile.TemporaryDirectory(prefix="pathmonitor-bench-") as scratch:
+        subprocess.run([sys.executable, script, "--child", scratch, *arguments], check=True, capture_output=True,
+                       env=env)
+        return {path.stem: json.loads(path.read_text()) for path in Path(scratch).glob("*.json")}
 
 
 def timed(fn: Callable[[], object]) -> float:

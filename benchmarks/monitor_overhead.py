@@ -21,9 +21,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +31,7 @@ import torch  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 from pytorch_lightning.profilers import SimpleProfiler  # noqa: E402
 
-from common import rss  # noqa: E402
+from common import child_results, rss  # noqa: E402
 from tasks import TASKS, zero3_strategy  # noqa: E402
 from pathmonitor.callbacks import GeneralizationBoundMonitor, PathMetricDrift, PathNormMonitor  # noqa: E402
 
@@ -101,14 +98,11 @@ def monitor_costs(durations: dict[str, list[float]]) -> dict[str, float]:
             "setup": sum(sum(spent(m, hook)) for m in MONITORS for hook in (".setup", ".on_train_start"))}
 
 
-def run(task: str, mode: str, monitors: bool, memory: bool = False) -> Path:
-    out = Path(tempfile.mkdtemp(prefix="pathmonitor-bench-"))
-    command = [sys.executable, __file__, "--child", task, mode, str(int(monitors)), str(out)]
+def run(task: str, mode: str, monitors: bool, memory: bool = False) -> dict:
     # glibc raises its mmap threshold after large frees and then keeps freed blocks resident, which
     # would count memory released module by module as if it were held at once: fix the threshold
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if memory else None
-    subprocess.run(command + (["--memory"] if memory else []), check=True, capture_output=True, env=env)
-    return out
+    return child_results(__file__, [task, mode, str(int(monitors))] + (["--memory"] if memory else []), env)
 
 
 def main() -> None:
@@ -118,7 +112,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        task, mode, monitors, out = args.child
+        out, task, mode, monitors = args.child
         child(task, mode, bool(int(monitors)), Path(out), args.memory)
         return
     print(f"torch {torch.__version__}, pytorch_lightning {pl.__version__}, CPU, median of {args.repeats} runs each\n")
@@ -131,7 +125,7 @@ def main() -> None:
             records: dict[bool, list[dict]] = {False: [], True: []}
             for _ in range(args.repeats):
                 for monitors in (False, True):
-                    records[monitors].append(json.loads((run(task, mode, monitors) / "seconds.json").read_text()))
+                    records[monitors].append(run(task, mode, monitors)["seconds"])
             without, with_ = (statistics.median(r["fit"] for r in records[m]) for m in (False, True))
             hooks = {key: statistics.median(r["hooks"][key] for r in records[True])
                      for key in records[True][0]["hooks"]}
@@ -140,12 +134,12 @@ def main() -> None:
                   f"| {with_:.1f} s | {with_ / without:.3f}x | {share:.3f} | {hooks['drift_per_save'] * 1e3:.0f} ms "
                   f"| {hooks['bound_per_epoch'] * 1e3:.0f} ms | {hooks['norm_per_evaluation'] * 1e3:.0f} ms "
                   f"| {hooks['setup'] * 1e3:.0f} ms |", flush=True)
-    out = run("resnet18", "zero3", False, memory=True)
+    memory = run("resnet18", "zero3", False, memory=True)
     print("\nOne path-norm evaluation of resnet18 (3x32x32) under ZeRO-3, per rank:\n")
     print("| rank | peak extra memory | largest module's parameters | ratio | whole model's parameters |")
     print("|---|---|---|---|---|")
     for rank in (0, 1):
-        m = json.loads((out / f"memory{rank}.json").read_text())
+        m = memory[f"memory{rank}"]
         print(f"| {rank} | {m['extra'] / 2**20:.1f} MiB | {m['largest_module'] / 2**20:.1f} MiB "
               f"| {m['extra'] / m['largest_module']:.2f} | {m['model'] / 2**20:.1f} MiB |")
 

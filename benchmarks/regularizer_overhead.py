@@ -17,9 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +25,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 
+from common import child_results  # noqa: E402
 from pathmonitor.callbacks import PathNormRegularizer  # noqa: E402
 from tasks import TASKS, zero3_strategy  # noqa: E402
 
@@ -76,7 +74,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        task, mode, cycles, out = args.child
+        out, task, mode, cycles = args.child
         child(task, mode, int(cycles), Path(out))
         return
     print(f"pytorch_lightning {pl.__version__}, CPU, mean step over {args.cycles} cycles of {BLOCK}-step blocks\n")
@@ -84,11 +82,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for task in TASKS:
         for mode in ("single", "zero3"):
-            out = Path(tempfile.mkdtemp(prefix="pathmonitor-bench-"))
-            subprocess.run([sys.executable, __file__, "--child", task, mode, str(args.cycles), str(out)], check=True,
-                           capture_output=True)
-            mean = {name: statistics.mean(values)
-                    for name, values in json.loads((out / "steps.json").read_text()).items()}
+            steps = child_results(__file__, [task, mode, str(args.cycles)])["steps"]
+            mean = {name: statistics.mean(values) for name, values in steps.items()}
             base = mean["without"]
             print(f"| {task} | {'1 process' if mode == 'single' else 'ZeRO-3, 2 processes'} | {base * 1e3:.1f} ms "
                   f"| {mean['every step'] * 1e3:.1f} ms | {mean['every step'] / base:.2f}x "

@@ -21,7 +21,7 @@ from pathmonitor.bounds import check_number
 from pathmonitor.distributed import has_class_named
 from pathmonitor.gradients import gradient_adder
 from pathmonitor.norms import validated_q
-from pathmonitor.penalty import penalty_gradients
+from pathmonitor.penalty import penalty_gradients, training_dtype
 
 from .base import MonitorError, PathCallback, between_deepspeed_micro_batches, check_deepspeed_gradients, log_values
 
@@ -37,8 +37,9 @@ class PathNormRegularizer(PathCallback):
     step is linear in the gradient (SGD) the same average pull (an adaptive one, such as Adam, normalizes
     the larger, rarer gradient differently). Works on one process, under DDP, DeepSpeed ZeRO-1/2/3 and
     FSDP2. With manual optimization the penalty joins every `optimizer.step()` the `training_step` makes
-    (at most one optimizer), whatever the user accumulated before it. The float64 values last logged are
-    in `.last`."""
+    (at most one optimizer), whatever the user accumulated before it. The penalty and its gradient are
+    computed in the precision the gradients have (float64 for a float64 model, float32 otherwise), exact
+    to its round-off at any magnitude; the values last logged are in `.last`."""
 
     def __init__(self, weight: float, q: float = 1.0, log: bool = True, every_n_steps: int = 1,
                  warmup_steps: int = 0, schedule: Optional[Callable[[int], float]] = None,
@@ -99,8 +100,9 @@ class PathNormRegularizer(PathCallback):
         if weight > 0:
             tracked = self.tracked
             factor = weight * self.every_n_steps * _still_scaled_by(trainer, optimizer)
-            values["regularizer/penalty"] = penalty_gradients(tracked.graph, tracked.model, tracked.source, self.q,
-                                                              self.use_log, gradient_adder(trainer.model, factor))
+            values["regularizer/penalty"] = penalty_gradients(
+                tracked.graph, tracked.model, tracked.source, self.q, self.use_log,
+                gradient_adder(trainer.model, factor), training_dtype(tracked.model))
         self.last = values
         log_values(trainer, values)
 

@@ -2,7 +2,9 @@
 
 - Single process, DDP, DeepSpeed ZeRO-1/2: every rank holds full parameters; nothing to gather.
 - DeepSpeed ZeRO-3: every rank holds an empty partition (`p.ds_numel` entries in all, `p.numel() == 0`);
-  `deepspeed.zero.GatheredParameters` assembles one module's parameters and frees them on exit.
+  `deepspeed.zero.GatheredParameters` assembles parameters and frees them on exit. A pass announces the
+  modules it will read (`gathering_in_order`), and consecutive ones are gathered together, in groups no
+  larger than the largest module: one collective per group, at the peak memory of one module.
 - FSDP2 (`fully_shard`): parameters are DTensors; `full_tensor()` assembles one.
 Gathering is a collective: every rank must read the same modules in the same order. The engine does,
 since it walks one captured graph. Buffers are never sharded, but DeepSpeed does not synchronize them
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -84,8 +86,14 @@ def world() -> tuple[int, int]:
 @contextlib.contextmanager
 def gathered(module: nn.Module) -> Iterator[None]:
     """The module's ZeRO-3 parameters hold their full data for the duration (a collective). Those of its
-    children too: an affine module's only children are parametrizations, whose `original` it reads."""
-    partitioned = [p for p in module.parameters() if is_zero3_parameter(p)]
+    children too: an affine module's only children are parametrizations, whose `original` it reads.
+    Inside `gathering_in_order`, a module of the announced order is gathered with its group instead."""
+    plan = _PLANS[-1] if _PLANS else None
+    if plan is not None and plan.provides(module):
+        yield
+        return
+    held = set().union(*(other.held_ids for other in _PLANS))
+    partitioned = [p for p in module.parameters() if is_zero3_parameter(p) and id(p) not in held]
     if not partitioned:
         yield
         return
@@ -95,16 +103,86 @@ def gathered(module: nn.Module) -> Iterator[None]:
         yield
 
 
+class _GatherPlan:
+    """The modules a pass will read, in order, cut into groups of consecutive modules holding together at
+    most as many ZeRO-3 entries as the largest of them; one group is held in full at a time."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.group_of: dict[int, int] = {}
+        self.groups: list[list[nn.Parameter]] = []
+        sizes = {id(m): sum(p.ds_numel for p in m.parameters() if is_zero3_parameter(p)) for m in modules}
+        budget = max(sizes.values(), default=0)
+        if budget == 0:  # nothing sharded: every module is provided as it is
+            self.group_of = dict.fromkeys(sizes, -1)
+        filled = 0
+        for m in modules:
+            if budget == 0 or id(m) in self.group_of:
+                continue
+            if not self.groups or filled + sizes[id(m)] > budget:
+                self.groups.append([])
+                filled = 0
+            self.group_of[id(m)] = len(self.groups) - 1
+            self.groups[-1] += [p for p in m.parameters() if is_zero3_parameter(p)]
+            filled += sizes[id(m)]
+        self.held_index: Optional[int] = None
+        self.held_ids: set[int] = set()
+        self._context: Optional[contextlib.AbstractContextManager] = None
+
+    def provides(self, module: nn.Module) -> bool:
+        """Whether the module is in the plan; if so, its group is now held in full (a collective when
+        another group was)."""
+        index = self.group_of.get(id(module))
+        if index is None:
+            return False
+        if index >= 0 and index != self.held_index:
+            self.release()
+            import deepspeed  # groups exist only for DeepSpeed's parameters
+
+            context = deepspeed.zero.GatheredParameters(self.groups[index], modifier_rank=None)
+            context.__enter__()
+            self._context, self.held_index = context, index
+            self.held_ids = {id(p) for p in self.groups[index]}
+        return True
+
+    def release(self) -> None:
+        if self._context is not None:
+            context, self._context, self.held_index, self.held_ids = self._context, None, None, set()
+            context.__exit__(None, None, None)
+
+
+_PLANS: list[_GatherPlan] = []
+
+
+@contextlib.contextmanager
+def gathering_in_order(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within it, `gathered(m)` for a module of `modules` (the order in which a pass reads them) gathers
+    m's whole group of consecutive modules in one collective and holds it until a module of another group
+    is read: far fewer collectives than one per module, at the peak memory of the largest module. Every
+    rank must announce the same modules in the same order and read them in it."""
+    plan = _GatherPlan(list(modules))
+    _PLANS.append(plan)
+    try:
+        yield
+    finally:
+        _PLANS.remove(plan)
+        plan.release()
+
+
 def full(t: Optional[Tensor]) -> Optional[Tensor]:
     """The whole tensor behind a DTensor (a collective); any other tensor as it is."""
     return t.full_tensor() if t is not None and is_dtensor(t) else t
 
 
-def from_rank_zero(t: Tensor) -> Tensor:
-    """Rank 0's value of a tensor every rank holds in full (a broadcast into a fresh tensor)."""
-    copy = t.detach().clone()
-    dist.broadcast(copy, src=0)
-    return copy
+def from_rank_zero(tensors: list[Tensor]) -> list[Tensor]:
+    """Rank 0's values of tensors every rank holds in full, in fresh tensors: one broadcast per dtype."""
+    copies: list[Optional[Tensor]] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        chosen = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in chosen])
+        dist.broadcast(flat, src=0)
+        for i, part in zip(chosen, flat.split([tensors[i].numel() for i in chosen])):
+            copies[i] = part.view(tensors[i].shape)
+    return copies  # type: ignore[return-value]
 
 
 def is_buffer_key(key: str) -> bool:
@@ -128,7 +206,7 @@ class ShardedSnapshot:
         """Copy the tensors of `modules` ({name: module}, read in this order) from `source`."""
         rank, size = world()
         pieces, shapes = {}, {}
-        with torch.no_grad():
+        with torch.no_grad(), gathering_in_order(modules.values()):
             for name, module in modules.items():
                 with source.tensors(name, module) as tensors:
                     for key, t in tensors.items():
@@ -141,18 +219,21 @@ class ShardedSnapshot:
 
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[dict[str, Optional[Tensor]]]:
-        found = {}
+        present = {}
         for key in tensor_names(module):
             full_name = parameter_name(name, key)
             if full_name not in self.pieces:
                 if getattr(module, key, None) is not None:
                     raise ParameterMismatchError(f"the reference copy has no tensor {full_name!r} for module "
                                                  f"{name!r} ({type(module).__name__})")
-                found[key] = None
                 continue
-            piece = self.pieces[full_name]
-            found[key] = _assemble(piece, self.shapes[full_name]) if self.sharded else piece
-        yield found
+            present[key] = full_name
+        if self.sharded:
+            found = dict(zip(present, _assemble([self.pieces[n] for n in present.values()],
+                                                [self.shapes[n] for n in present.values()])))
+        else:
+            found = {key: self.pieces[n] for key, n in present.items()}
+        yield {key: found.get(key) for key in tensor_names(module)}
 
     def state_dict(self) -> dict:
         return {"pieces": dict(self.pieces), "shapes": dict(self.shapes), "sharded": self.sharded,
@@ -183,8 +264,17 @@ def _piece(t: Tensor, rank: int, size: int) -> Tensor:
     return piece
 
 
-def _assemble(piece: Tensor, shape: tuple[int, ...]) -> Tensor:
+def _assemble(pieces: list[Tensor], shapes: list[tuple[int, ...]]) -> list[Tensor]:
+    """The whole tensors from every rank's pieces of them: one all-gather per dtype among them."""
     _, size = world()
-    parts = [torch.empty_like(piece) for _ in range(size)]
-    dist.all_gather(parts, piece.contiguous())
-    return torch.cat(parts)[:math.prod(shape)].reshape(shape)
+    assembled: list[Optional[Tensor]] = [None] * len(pieces)
+    for dtype in dict.fromkeys(piece.dtype for piece in pieces):
+        chosen = [i for i, piece in enumerate(pieces) if piece.dtype == dtype]
+        mine = torch.cat([pieces[i] for i in chosen])  # every rank's pieces have the same lengths
+        parts = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(parts, mine)
+        per_rank = [part.split([pieces[i].numel() for i in chosen]) for part in parts]
+        for k, i in enumerate(chosen):
+            whole = torch.cat([split[k] for split in per_rank])
+            assembled[i] = whole[:math.prod(shapes[i])].reshape(shapes[i])
+    return assembled  # type: ignore[return-value]

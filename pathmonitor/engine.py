@@ -1,9 +1,10 @@
 """Execute: one interpreter for the |theta|^q network of a captured graph (MATH.md section 2).
 
-It walks the path ops in order on an input of ones (batch 1, float64), reading one module's edge
-weights at a time from an `EdgeMagnitudes`. Every activation is carried as (tensor, log_scale),
-meaning tensor * exp(log_scale). In plain mode log_scale stays 0; in log-scaled mode each affine
-output is renormalized so nothing overflows, and a bias enters multiplied by exp(-log_scale).
+It walks the path ops in order on an input of ones (batch 1, float64 unless a caller asks for float32),
+reading one module's edge weights at a time from an `EdgeMagnitudes`. Every activation is carried as
+(tensor, log_scale), meaning tensor * exp(log_scale). In plain mode log_scale stays 0; in log-scaled
+mode each affine output is renormalized so nothing overflows, and a bias enters multiplied by
+exp(-log_scale).
 The same code runs with or without autograd; the renormalization constants are detached, which
 leaves gradients exact because the value is log(sum(tensor)) + log_scale with log_scale held fixed.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -19,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .distributed import gathering_in_order
 from .errors import ParameterMismatchError, PathComputationError
 from .graph import OpKind, PathGraph, PathOp, Ref
 from .layers import apply_affine, bias_view
@@ -47,10 +50,10 @@ def map_tensors(value: Any, fn) -> Any:
 
 def _times_exp(t: Tensor, log_max: float, exponent: float) -> Tensor:
     """t * exp(exponent), where max(t) = exp(log_max) and log_max + exponent <= 0 (so the result is
-    at most 1). When exp(exponent) alone would leave float64, t is first divided by its maximum."""
+    at most 1). When exp(exponent) alone would leave t's dtype, t is first divided by its maximum."""
     if log_max == -math.inf:
         return t
-    if abs(exponent) < 700:
+    if abs(exponent) < math.log(torch.finfo(t.dtype).max) - 10:
         return t * math.exp(exponent)
     return t / float(t.detach().max()) * math.exp(exponent + log_max)
 
@@ -62,13 +65,14 @@ def _log_max(t: Tensor) -> float:
 
 class Interpreter:
     def __init__(self, graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float,
-                 log_scaled: bool, device: torch.device):
+                 log_scaled: bool, device: torch.device, dtype: torch.dtype = torch.float64):
         self.graph = graph
         self.model = model
-        self.magnitudes = magnitudes
+        self.magnitudes = magnitudes  # handing out edge weights in `dtype`
         self.q = q
         self.log_scaled = log_scaled
         self.device = device
+        self.dtype = dtype
         self._peaks: list[Tensor] = []  # plain mode: the max of every activation that can shrink
 
     def run(self) -> Scaled:
@@ -79,13 +83,14 @@ class Interpreter:
         """The value of every op (the last one is the total); with `keep=False` each is dropped after
         its last use, so only the total is left."""
         values: list[Any] = [None] * len(self.graph.ops)
-        for i, op in enumerate(self.graph.ops):
-            values[i] = self.evaluate_op(op, values)
-            if not self.log_scaled and op.kind in _SHRINKING:
-                map_tensors(values[i].value, self._watch)
-            if not keep:
-                for released in op.release:
-                    values[released] = None
+        with gathering_in_order(self.model.get_submodule(name) for name in self.graph.affine_modules()):
+            for i, op in enumerate(self.graph.ops):
+                values[i] = self.evaluate_op(op, values)
+                if not self.log_scaled and op.kind in _SHRINKING:
+                    map_tensors(values[i].value, self._watch)
+                if not keep:
+                    for released in op.release:
+                        values[released] = None
         return values
 
     def _watch(self, t: Tensor) -> Tensor:
@@ -94,12 +99,14 @@ class Interpreter:
         return t
 
     def stayed_in_range(self) -> bool:
-        """Whether no activation of a plain pass sank towards subnormals (where float64 loses relative
-        precision, and a gradient through it may overflow) even when the total looks fine."""
+        """Whether every activation of a plain pass that can shrink stayed inside `precise_range`, even
+        when the total looks fine: one that sank towards subnormals lost relative precision (or, at
+        exactly 0, paths that the log-scaled pass keeps), and one far above it gives a gradient that sinks."""
         if not self._peaks:
             return True
+        smallest, largest = precise_range(self.dtype)
         peaks = torch.stack(self._peaks)
-        return not bool(((peaks > 0) & (peaks <= PRECISE_MINIMUM)).any())
+        return not bool(((peaks <= smallest) | (peaks >= largest)).any())
 
     def evaluate_op(self, op: PathOp, values: Sequence[Any]) -> Any:
         """The value of `op` from the values of the ops it reads, failures named after the op."""
@@ -136,7 +143,7 @@ class Interpreter:
     def _evaluate(self, op: PathOp, values: Sequence[Any]) -> Any:
         kind = op.kind
         if kind is OpKind.INPUT:
-            return Scaled(torch.ones((1,) + self.graph.input_shape, dtype=torch.float64, device=self.device))
+            return Scaled(torch.ones((1,) + self.graph.input_shape, dtype=self.dtype, device=self.device))
         if kind is OpKind.VALUE:
             if op.fn is None:
                 return functools.reduce(getattr, op.target.split("."), self.model)
@@ -190,7 +197,7 @@ class Interpreter:
         for leaf in leaves:
             map_tensors(leaf.value, lambda t: sums.append((t.sum(), leaf.log_scale)))
         if not sums:
-            return Scaled(torch.zeros((), dtype=torch.float64, device=self.device))
+            return Scaled(torch.zeros((), dtype=self.dtype, device=self.device))
         common = max(scale for _, scale in sums)
         total = sum(s * math.exp(scale - common) for s, scale in sums)
         return Scaled(total, common)
@@ -204,12 +211,18 @@ def evaluate(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: 
     return Interpreter(graph, model, magnitudes, q, log_scaled, device).run()
 
 
-PRECISE_MINIMUM = 1e-280  # below this a float64 sum has lost relative precision to subnormals
+def precise_range(dtype: torch.dtype) -> tuple[float, float]:
+    """The values a plain pass may reach and be trusted, 1e-280 to 1e280 in float64 (1e-34 to 1e34 in
+    float32): below, relative precision is lost to subnormals; above, the gradient of the log, 1/total,
+    sinks towards them."""
+    smallest = 1e-280 if dtype == torch.float64 else torch.finfo(dtype).tiny ** 0.91
+    return smallest, 1 / smallest
 
 
 def is_precise(total: Tensor) -> bool:
-    """Whether a plain float64 total can be trusted: finite, and not sunk towards subnormals."""
-    return bool(torch.isfinite(total)) and float(total.detach()) > PRECISE_MINIMUM
+    """Whether a plain pass's total can be trusted: inside `precise_range` of its dtype."""
+    smallest, largest = precise_range(total.dtype)
+    return smallest < float(total.detach()) < largest
 
 
 def log_of(total: Scaled, q: float) -> Tensor:
@@ -218,21 +231,39 @@ def log_of(total: Scaled, q: float) -> Tensor:
     if bool(torch.isnan(log)) or float(log.detach()) == math.inf:
         raise PathComputationError(
             f"the |theta|^q network (q = {q:g}) produced {float(log.detach())}: a parameter is NaN or infinite, "
-            f"or |w|^q itself leaves the float64 range (use a smaller q)")
+            f"or |w|^q itself leaves the {str(total.value.dtype).removeprefix('torch.')} range (use a smaller q)")
     return log
 
 
 def exact_values(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float, *, keep: bool,
-                 device: Optional[torch.device] = None) -> tuple[Interpreter, list[Any]]:
-    """The interpreter and the values of a pass whose total is exact: a plain float64 pass, repeated
-    with running log-scales when anything in it over- or underflows (both exact, the plain one cheaper)."""
+                 device: Optional[torch.device] = None,
+                 dtype: torch.dtype = torch.float64) -> tuple[Interpreter, list[Any]]:
+    """The interpreter and the values of a pass whose total is exact (to the round-off of `dtype`): a
+    plain pass, repeated with running log-scales when anything in it over- or underflows (both exact,
+    the plain one cheaper); once a graph needed them, its later passes in that dtype and q start there."""
     device = model_device(model) if device is None else device
-    interpreter = Interpreter(graph, model, magnitudes, q, False, device)
-    values = interpreter.values(keep)
-    if not (is_precise(values[-1].value) and interpreter.stayed_in_range()):
-        interpreter = Interpreter(graph, model, magnitudes, q, True, device)
+    needed = _NEEDED_LOG_SCALES.get(id(graph))
+    if needed is None or (dtype, q) not in needed:
+        interpreter = Interpreter(graph, model, magnitudes, q, False, device, dtype)
         values = interpreter.values(keep)
-    return interpreter, values
+        if is_precise(values[-1].value) and interpreter.stayed_in_range():
+            return interpreter, values
+        del values  # the plain pass's activations (and autograd graph) go before the second pass
+        _remember_log_scales(graph, (dtype, q))
+    interpreter = Interpreter(graph, model, magnitudes, q, True, device, dtype)
+    return interpreter, interpreter.values(keep)
+
+
+# per graph (by id, dropped with the graph): the (dtype, q) whose plain pass did not stay in range once;
+# its later evaluations (the next training steps) start with running log-scales rather than repeat a pass
+_NEEDED_LOG_SCALES: dict[int, set[tuple[torch.dtype, float]]] = {}
+
+
+def _remember_log_scales(graph: PathGraph, key: tuple[torch.dtype, float]) -> None:
+    if id(graph) not in _NEEDED_LOG_SCALES:
+        _NEEDED_LOG_SCALES[id(graph)] = set()
+        weakref.finalize(graph, _NEEDED_LOG_SCALES.pop, id(graph), None)
+    _NEEDED_LOG_SCALES[id(graph)].add(key)
 
 
 def log_total(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float,

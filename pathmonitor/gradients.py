@@ -2,9 +2,11 @@
 
 - plain parameters (one process, DDP after its all-reduce): `p.grad`;
 - FSDP2: `p.grad` is a DTensor sharded like `p`, and so is the gradient handed in;
-- DeepSpeed (ZeRO-1/2/3): the gradients live in the optimizer's fp32 partitions, reached through
-  `deepspeed.utils.safe_get_full_grad` / `safe_set_full_grad` (a collective). They hold the gradient
-  times the fp16 loss scale until the step, so an added gradient is multiplied by that scale too.
+- DeepSpeed (ZeRO-1/2/3): the gradients live in the optimizer's fp32 partitions. They hold the gradient
+  times the fp16 loss scale until the step, so an added gradient is multiplied by that scale too. Under
+  ZeRO-3 every rank adds its own entries to its own partition (`safe_get_local_grad` /
+  `safe_set_local_grad`, no communication: every rank holds the same full gradient); under ZeRO-1/2
+  through `safe_get_full_grad` / `safe_set_full_grad` (an all-reduce per parameter).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from .distributed import has_class_named, is_zero3_parameter, zero3_padded
+from .distributed import has_class_named, is_zero3_parameter, zero3_piece
 
 GradientAdder = Callable[[str, nn.Parameter, Tensor], None]
 
@@ -33,16 +35,17 @@ def gradient_adder(trained: nn.Module, factor: float) -> GradientAdder:
 
 
 def _deepspeed_adder(factor: float) -> GradientAdder:
-    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
 
     def add(name: str, p: nn.Parameter, grad: Tensor) -> None:
-        current = safe_get_full_grad(p)
+        zero3 = is_zero3_parameter(p)
+        current = safe_get_local_grad(p) if zero3 else safe_get_full_grad(p)
         if current is None:
             raise RuntimeError(f"DeepSpeed holds no gradient for parameter {name!r} at the optimizer step: "
                                f"it is frozen or not handed to the optimizer")
-        value = current + (grad * factor).to(current.dtype)
-        if is_zero3_parameter(p):  # ZeRO-3 reads its piece from the flattened value padded to world x partition
-            value = zero3_padded(p, value)
-        safe_set_full_grad(p, value)
+        if zero3:
+            safe_set_local_grad(p, current + (zero3_piece(p, grad) * factor).to(current.dtype))
+        else:
+            safe_set_full_grad(p, current + (grad * factor).to(current.dtype))
 
     return add

@@ -6,8 +6,9 @@ Two ways to the same gradient:
 - sharded parameters (DeepSpeed ZeRO-3, FSDP2), where one autograd graph would need every module's
   full parameters at once: a forward pass that keeps the batch-1 activations, then a reverse pass op by
   op, each op evaluated again with autograd, an affine op inside its module's gather. Peak extra memory
-  is one module's full parameters plus the activations, and every rank walks the same ops in the same
-  order, so every gather matches.
+  is the largest module's full parameters plus the activations, and every rank walks the same ops in the
+  same order, so every gather matches (ZeRO-3 gathers consecutive modules in groups no larger than the
+  largest module, in the forward order and then in the reverse one).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .distributed import is_dtensor, is_sharded
+from .distributed import gathering_in_order, is_dtensor, is_sharded
 from .engine import Interpreter, Scaled, exact_values, log_of, map_tensors
 from .errors import PathComputationError
 from .graph import OpKind, PathGraph, PathOp, capture
@@ -29,30 +30,48 @@ from .sources import ModuleSource, ParameterEdges, ParameterSource, PowerMagnitu
 GradientSink = Callable[[str, nn.Parameter, Tensor], None]
 
 
-def path_norm_penalty(model: nn.Module, input_shape: Sequence[int], q: float = 1.0, log: bool = True) -> Tensor:
-    """log ||Phi(theta)||_q (or ||Phi(theta)||_q with `log=False`) as a differentiable 0-dim float64 tensor,
-    to add to a loss (MATH.md section 6).
+def path_norm_penalty(model: nn.Module, input_shape: Sequence[int], q: float = 1.0, log: bool = True,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
+    """log ||Phi(theta)||_q (or ||Phi(theta)||_q with `log=False`) as a differentiable 0-dim tensor, to add
+    to a loss (MATH.md section 6).
 
     Unchanged by neuron-wise rescaling, unlike weight decay. The log form has scale-free gradients and stays
     exact far beyond float64. Gradients reach the model's own parameters (`weight_orig` where
     `torch.nn.utils.prune` masks a weight). Batch-norm layers contribute through their running statistics.
+    Computed in float64, or in float32 with `dtype=torch.float32`: exact to float32 round-off at any
+    magnitude (the same running log-scales), and on most GPUs many times faster.
     Sharded models (DeepSpeed ZeRO-3, FSDP2) are refused: use `penalty_gradients`.
     """
     model, shape, q = unwrapped(model), validated_input_shape(input_shape), validated_q(q)
+    dtype = validated_dtype(dtype)
     if is_sharded(model):
         raise ValueError(f"{type(model).__name__} has sharded parameters (DeepSpeed ZeRO-3 or FSDP2): an autograd "
                          f"graph over the whole network would need them all gathered at once. Use "
                          f"pathmonitor.penalty.penalty_gradients, or the PathNormRegularizer callback.")
     graph = capture(model, shape)
-    _, values = exact_values(graph, model, PowerMagnitudes(ParameterEdges(ModuleSource(model)), q), q, keep=False)
+    _, values = exact_values(graph, model, PowerMagnitudes(ParameterEdges(ModuleSource(model)), q, dtype), q,
+                             keep=False, dtype=dtype)
     return penalty_of(values[-1], q, log)
+
+
+def validated_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    return dtype
+
+
+def training_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a penalty's gradient is added in: float64 for a float64 model, else float32 (the master
+    weights of fp16 and bf16 training are float32)."""
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return torch.float64 if floating and all(d == torch.float64 for d in floating) else torch.float32
 
 
 def penalty_of(total: Scaled, q: float, log: bool) -> Tensor:
     """log ||Phi||_q = log(sum of the |theta|^q network's outputs) / q, or ||Phi||_q itself, from that sum.
 
     Refused, with the reason, where it cannot serve as a penalty: the log of a path-norm of 0 (no path
-    carries weight) and a path-norm beyond float64."""
+    carries weight) and a path-norm beyond the dtype's range."""
     if log:
         if float(total.value.detach()) == 0:
             raise ZeroPathNormError(f"the L{q:g} path-norm is 0 (no path carries a nonzero weight, e.g. a last layer "
@@ -62,7 +81,8 @@ def penalty_of(total: Scaled, q: float, log: bool) -> Tensor:
     norm = norm_of(total, q)
     if math.isinf(float(norm.detach())):
         raise PathComputationError(f"the L{q:g} path-norm is exp({float(log_of(total, q).detach()) / q:.6g}), beyond "
-                                   f"float64, so it cannot serve as a penalty: use log=True")
+                                   f"{str(norm.dtype).removeprefix('torch.')}, so it cannot serve as a penalty: "
+                                   f"use log=True")
     return norm
 
 
@@ -71,9 +91,9 @@ class ZeroPathNormError(PathComputationError):
 
 
 def penalty_gradients(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
-                      sink: GradientSink) -> float:
-    """The penalty of `path_norm_penalty` on the weights read from `source`; each parameter's gradient goes
-    to `sink(qualified name, parameter, gradient)` (MATH.md section 6).
+                      sink: GradientSink, dtype: torch.dtype = torch.float64) -> float:
+    """The penalty of `path_norm_penalty` on the weights read from `source`, computed in `dtype`; each
+    parameter's gradient goes to `sink(qualified name, parameter, gradient)` (MATH.md section 6).
 
     The gradient has the parameter's full shape (a DTensor of the parameter's placements under FSDP2). A
     parameter read by several ops (a module called twice, tied weights) may reach the sink once per use:
@@ -83,18 +103,18 @@ def penalty_gradients(graph: PathGraph, model: nn.Module, source: ParameterSourc
     model = unwrapped(model)
     differentiate = _op_by_op if is_sharded(model) else _whole_graph
     try:
-        return differentiate(graph, model, source, q, log, sink)
+        return differentiate(graph, model, source, q, log, sink, validated_dtype(dtype))
     except ZeroPathNormError:  # raised before any gradient reaches the sink, on every rank alike
         return -math.inf
 
 
 def _whole_graph(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
-                 sink: GradientSink) -> float:
+                 sink: GradientSink, dtype: torch.dtype) -> float:
     """One autograd graph over the whole |theta|^q network, built on the parameters themselves."""
-    magnitudes = PowerMagnitudes(ParameterEdges(source), q)
+    magnitudes = PowerMagnitudes(ParameterEdges(source), q, dtype)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     with torch.enable_grad():
-        _, values = exact_values(graph, model, magnitudes, q, keep=False)
+        _, values = exact_values(graph, model, magnitudes, q, keep=False, dtype=dtype)
         penalty = penalty_of(values[-1], q, log)
         if not penalty.requires_grad:  # no parameter on any path
             return float(penalty.detach())
@@ -109,32 +129,39 @@ def _whole_graph(graph: PathGraph, model: nn.Module, source: ParameterSource, q:
 def _check_finite(found: list[tuple[str, nn.Parameter, Tensor]]) -> None:
     """Refuse NaN or infinite gradients (a parameter that is NaN or infinite), naming one, before any is used."""
     plain = [(name, grad) for name, _, grad in found if not is_dtensor(grad)]  # a DTensor's check is per shard
-    # one fused kernel for the largest magnitude of every gradient (torch.nn.utils.clip_grad_norm_ uses it too)
-    if plain and not bool(torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in plain], math.inf))).all()):
-        name = next(name for name, grad in plain if not bool(torch.isfinite(grad).all()))
-        raise PathComputationError(f"the path-norm penalty's gradient for {name!r} is not finite: a parameter is NaN "
-                                   f"or infinite")
+    # one fused kernel for the 2-norm of every gradient (torch.nn.utils.clip_grad_norm_ uses it too; the
+    # inf-norm kernel is several times slower): finite unless an entry is NaN or infinite, or its squares
+    # overflow, which the check of each tensor then tells apart
+    if plain and not bool(torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in plain]))).all()):
+        name = next((name for name, grad in plain if not bool(torch.isfinite(grad).all())), None)
+        if name is not None:
+            raise PathComputationError(f"the path-norm penalty's gradient for {name!r} is not finite: a parameter "
+                                       f"is NaN or infinite, or the gradient leaves the range of its dtype")
 
 
 def _op_by_op(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
-              sink: GradientSink) -> float:
+              sink: GradientSink, dtype: torch.dtype) -> float:
     """Reverse-mode differentiation one op at a time, re-evaluating each op on its kept inputs."""
-    magnitudes = PowerMagnitudes(ParameterEdges(source), q)
-    with torch.no_grad():
-        interpreter, values = exact_values(graph, model, magnitudes, q, keep=True)
-    total = values[-1]
-    leaf = total.value.detach().requires_grad_(True)
-    with torch.enable_grad():
-        penalty = penalty_of(Scaled(leaf, total.log_scale), q, log)
-        (seed,) = torch.autograd.grad(penalty, [leaf])
-    upstream: dict[int, Any] = {len(graph.ops) - 1: seed}
-    for index in range(len(graph.ops) - 1, -1, -1):
-        grad = upstream.pop(index, None)
-        op = graph.ops[index]
-        if grad is None or op.kind in (OpKind.INPUT, OpKind.VALUE):
-            continue
-        for read, read_grad in _op_backward(op, grad, values, interpreter, model, source, sink).items():
-            upstream[read] = _add(upstream.get(read), read_grad)
+    # the reverse pass reads every module again: rank 0's running statistics are broadcast only once
+    held = source.buffers_held() if isinstance(source, ModuleSource) else contextlib.nullcontext()
+    with held:
+        magnitudes = PowerMagnitudes(ParameterEdges(source), q, dtype)
+        with torch.no_grad():
+            interpreter, values = exact_values(graph, model, magnitudes, q, keep=True, dtype=dtype)
+        total = values[-1]
+        leaf = total.value.detach().requires_grad_(True)
+        with torch.enable_grad():
+            penalty = penalty_of(Scaled(leaf, total.log_scale), q, log)
+            (seed,) = torch.autograd.grad(penalty, [leaf])
+        upstream: dict[int, Any] = {len(graph.ops) - 1: seed}
+        with gathering_in_order(model.get_submodule(name) for name in reversed(graph.affine_modules())):
+            for index in range(len(graph.ops) - 1, -1, -1):
+                grad = upstream.pop(index, None)
+                op = graph.ops[index]
+                if grad is None or op.kind in (OpKind.INPUT, OpKind.VALUE):
+                    continue
+                for read, read_grad in _op_backward(op, grad, values, interpreter, model, source, sink).items():
+                    upstream[read] = _add(upstream.get(read), read_grad)
     return float(penalty.detach())
 
 
@@ -153,7 +180,8 @@ def _op_backward(op: PathOp, grad: Any, values: list[Any], interpreter: Interpre
             module = model.get_submodule(op.target)
             tensors = stack.enter_context(source.tensors(op.target, module))
             evaluator = Interpreter(interpreter.graph, model, PowerMagnitudes(ParameterEdges(_Opened(tensors)),
-                                    interpreter.q), interpreter.q, interpreter.log_scaled, interpreter.device)
+                                    interpreter.q, interpreter.dtype), interpreter.q, interpreter.log_scaled,
+                                    interpreter.device, interpreter.dtype)
             named = [(parameter_name(op.target, n), p) for n, p in module.named_parameters() if p.requires_grad]
         value = evaluator.evaluate_op(op, _Overlay(values, leaves)).value
         pairs = [(out, g) for out, g in zip(_flat(value), _flat(grad)) if g is not None and out.requires_grad]

@@ -34,16 +34,30 @@ class ParameterSource(Protocol):
 class ModuleSource:
     """The tensors of the module called `name` inside `root`, as its forward would use them.
 
-    Sharded parameters (DeepSpeed ZeRO-3, FSDP2 DTensors) are gathered one module at a time and freed
-    right after, which makes every read a collective. With `buffers_from_rank_zero` every rank reads
-    rank 0's running statistics; by default it does so exactly when the parameters are sharded (every
-    rank takes part then anyway), so a plain or DDP model is read locally, from any single rank."""
+    Sharded parameters (DeepSpeed ZeRO-3, FSDP2 DTensors) are gathered module by module and freed right
+    after (ZeRO-3: with the group of modules a pass announced, `distributed.gathering_in_order`, freed
+    when a module of another group is read), which makes every read a collective. With
+    `buffers_from_rank_zero` every rank reads rank 0's running statistics; by default it does so exactly
+    when the parameters are sharded (every rank takes part then anyway), so a plain or DDP model is read
+    locally, from any single rank."""
 
     def __init__(self, root: nn.Module, buffers_from_rank_zero: Optional[bool] = None):
         self.root = root
         if buffers_from_rank_zero is None:
             buffers_from_rank_zero = is_sharded(root)
         self.buffers_from_rank_zero = buffers_from_rank_zero and world()[1] > 1
+        self._rank_zero_buffers: Optional[dict[str, dict[str, Tensor]]] = None
+
+    @contextlib.contextmanager
+    def buffers_held(self) -> Iterator[None]:
+        """Within it, rank 0's running statistics of a module are broadcast at its first read only: for
+        several passes over unchanged buffers. Every rank must enter it together (reads are collectives)."""
+        outer = self._rank_zero_buffers
+        self._rank_zero_buffers = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._rank_zero_buffers = outer
 
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
@@ -58,9 +72,18 @@ class ModuleSource:
         with gathered(own):
             tensors = {key: full(_effective(own, key)) for key in tensor_names(module)}
             if self.buffers_from_rank_zero:
-                tensors = {key: from_rank_zero(t) if t is not None and is_buffer_key(key) else t
-                           for key, t in tensors.items()}
+                tensors.update(self._rank_zero(name, {key: t for key, t in tensors.items()
+                                                      if t is not None and is_buffer_key(key)}))
             yield tensors
+
+    def _rank_zero(self, name: str, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        held = self._rank_zero_buffers
+        if held is not None and name in held:
+            return held[name]
+        copies = dict(zip(buffers, from_rank_zero(list(buffers.values())))) if buffers else {}
+        if held is not None:
+            held[name] = copies
+        return copies
 
 
 def _effective(module: nn.Module, key: str) -> Optional[Tensor]:
@@ -190,34 +213,37 @@ class SignSplitEdges:
                         for x, y in pairs)
 
 
-def magnitude(t: Optional[Tensor], q: float = 1.0) -> Optional[Tensor]:
-    """|t|^q in float64: a fresh tensor, never a view of the model's own."""
+def magnitude(t: Optional[Tensor], q: float = 1.0, dtype: torch.dtype = torch.float64) -> Optional[Tensor]:
+    """|t|^q in `dtype`: a fresh tensor, never a view of the model's own."""
     if t is None:
         return None
     if t.requires_grad and torch.is_grad_enabled():
-        widened = t.abs().to(torch.float64)  # abs before widening: half the memory traffic
+        widened = t.abs().to(dtype)  # abs before widening: half the memory traffic
         return widened if q == 1 else widened.pow(q)
     # no graph to keep: widen into a fresh buffer and work in place, one allocation in all
-    widened = t.detach().to(torch.float64, copy=True).abs_()
+    widened = t.detach().to(dtype, copy=True).abs_()
     return widened if q == 1 else widened.pow_(q)
 
 
 class EdgeMagnitudes(Protocol):
     def affine(self, name: str, module: nn.Module) -> contextlib.AbstractContextManager[Edges]:
-        """Non-negative float64 (edge weights, biases) of the affine module `name`."""
+        """Non-negative (edge weights, biases) of the affine module `name`, in float64 unless the
+        interpreter that reads them computes in another dtype."""
 
 
 class PowerMagnitudes:
-    """|w|^q and |b|^q: the network whose output sum is ||Phi(theta)||_q^q (MATH.md section 2)."""
+    """|w|^q and |b|^q: the network whose output sum is ||Phi(theta)||_q^q (MATH.md section 2), in
+    float64 unless another `dtype` is asked for."""
 
-    def __init__(self, edges: EdgeSource, q: float = 1.0):
+    def __init__(self, edges: EdgeSource, q: float = 1.0, dtype: torch.dtype = torch.float64):
         self.edges_source = edges
         self.q = q
+        self.dtype = dtype
 
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
         with self.edges_source.edges(name, module) as (weight, bias):
-            yield magnitude(weight, self.q), magnitude(bias, self.q)
+            yield magnitude(weight, self.q, self.dtype), magnitude(bias, self.q, self.dtype)
 
 
 class EnvelopeMagnitudes:

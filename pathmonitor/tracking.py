@@ -73,8 +73,11 @@ class TrackedModel:
     def path_metric(self, reference: ParameterSource) -> PathMetric:
         """||Phi(theta) - Phi(theta_reference)||_1, current weights first (MATH.md section 3)."""
         # keyed on the object itself, which keeps it alive: a new reference never reuses a stale entry
-        return self._cached(("metric", reference),
-                            lambda: metric_between(self.graph, self.model, self.source, reference))
+        def compute() -> PathMetric:
+            with self.source.buffers_held():  # several passes over the same running statistics
+                return metric_between(self.graph, self.model, self.source, reference)
+
+        return self._cached(("metric", reference), compute)
 
     def generalization_bound(self, n_samples: int, input_bound: float, loss_lipschitz: float = 1.0,
                              sharpened: bool = False) -> GeneralizationBound:

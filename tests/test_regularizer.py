@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import pytorch_lightning as pl
@@ -31,8 +32,9 @@ REGULARIZED_WEIGHT = 0.1  # the demo's weight (configs/digits.yaml)
 NETS = ["conv_pool_chain", "residual_concat", "unet_like", "functional_ops", "two_heads", "small_unet"]
 
 
-def gradients(model: nn.Module, shape, q: float = 1.0, log: bool = True) -> dict[str, torch.Tensor]:
-    penalty = path_norm_penalty(model, shape, q, log)
+def gradients(model: nn.Module, shape, q: float = 1.0, log: bool = True,
+              dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    penalty = path_norm_penalty(model, shape, q, log, dtype)
     named = [(name, p) for name, p in model.named_parameters()]
     grads = torch.autograd.grad(penalty, [p for _, p in named], allow_unused=True)
     return {name: g for (name, _), g in zip(named, grads) if g is not None}
@@ -73,7 +75,7 @@ def test_the_op_by_op_gradient_of_sharded_models_equals_autograd(name, q, log):
     def add(key, p, grad):
         got[key] = got.get(key, 0) + grad
 
-    value = _op_by_op(capture(net, shape), net, ModuleSource(net), q, log, add)
+    value = _op_by_op(capture(net, shape), net, ModuleSource(net), q, log, add, torch.float64)
     assert value == pytest.approx(float(path_norm_penalty(net, shape, q, log)), rel=1e-12)
     assert got.keys() == expected.keys()
     for key in expected:
@@ -88,6 +90,74 @@ def test_gradient_reaches_weight_orig_of_a_pruned_layer():
     assert "0.weight_orig" in grads and "0.weight" not in grads
     mask = conv.weight_mask
     assert torch.all(grads["0.weight_orig"][mask == 0] == 0) and torch.any(grads["0.weight_orig"][mask == 1] != 0)
+
+
+class _TwoBranches(nn.Module):
+    """x + g(x), g a width-1 chain of weights s, s, 1/s, 1/s: ||Phi||_q^q = 2, while g's activation is
+    exactly 0 half-way in a plain float32 pass when s^(2q) < 1e-45."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.g = nn.Sequential(*[nn.Linear(1, 1, bias=False) for _ in range(4)])
+        with torch.no_grad():
+            for layer, w in zip(self.g, (s, s, 1 / s, 1 / s)):
+                layer.weight.fill_(w)
+
+    def forward(self, x):
+        return x + self.g(x)
+
+
+@pytest.mark.parametrize("name", NETS + ["beyond float32", "sinking in float32", "vanishing in float32"])
+@pytest.mark.parametrize("q,log", [(1.0, True), (2.0, False)])
+def test_the_float32_penalty_equals_the_float64_one_to_float32_round_off(name, q, log):
+    """In float32 (what the regularizer uses for float32 models) the value and every gradient, by one
+    autograd graph and op by op, match float64's to float32 round-off; also where a plain float32 pass
+    overflows (a path-norm of 1e56), or sinks towards float32's subnormals or to 0, so running log-scales
+    take over."""
+    if name == "beyond float32":
+        net, shape = _chain(19, 8, 100.0), (8,)  # 8 (8 * 100)^19
+    elif name == "sinking in float32":
+        net, shape = _chain(22, 1, 1e4), (1,)
+        with torch.no_grad():
+            for layer in list(net)[:22:2]:
+                layer.weight.fill_(1e-4)  # the activations reach 1e-44 half-way, the total is 1
+    elif name == "vanishing in float32":
+        net, shape = _TwoBranches(1e-23 if q == 1 else 1e-12), (1,)
+    else:
+        net, shape = make(name, 0)
+    if log is False and name == "beyond float32":
+        log = True  # the plain norm is refused beyond the dtype's range
+    exact = gradients(net, shape, q, log)
+    single = path_norm_penalty(net, shape, q, log, torch.float32)
+    assert single.dtype == torch.float32
+    assert float(single) == pytest.approx(float(path_norm_penalty(net, shape, q, log)), rel=1e-5)
+    by_graph = gradients(net, shape, q, log, torch.float32)
+    by_op: dict[str, torch.Tensor] = {}
+    _op_by_op(capture(net, shape), net, ModuleSource(net), q, log,
+              lambda key, p, grad: by_op.__setitem__(key, by_op.get(key, 0) + grad), torch.float32)
+    for got in (by_graph, by_op):
+        assert got.keys() == exact.keys()
+        for key, grad in exact.items():
+            torch.testing.assert_close(got[key].double(), grad.double(), rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+
+
+def test_a_graph_that_needed_log_scales_starts_with_them_next_time():
+    """Every training step of a network beyond the plain range would otherwise pay for a wasted plain pass."""
+    from pathmonitor.engine import Interpreter
+
+    net = _chain(19, 8, 100.0)
+    passes = []
+    values = Interpreter.values
+
+    def counted(self, keep):
+        passes.append(self.log_scaled)
+        return values(self, keep)
+
+    with mock.patch.object(Interpreter, "values", counted):
+        first = float(path_norm_penalty(net, (8,), dtype=torch.float32))
+        second = float(path_norm_penalty(net, (8,), dtype=torch.float32))
+        float(path_norm_penalty(net, (8,)))  # float64: in range, so plain
+    assert passes == [False, True, True, False] and first == second
 
 
 def _chain(depth: int, width: int, value: float) -> nn.Sequential:
@@ -228,7 +298,8 @@ def test_one_step_moves_every_parameter_by_the_penalty_gradient(step_run, strate
     for record in logged:
         assert record["last"].keys() == {"regularizer/weight", "regularizer/penalty"}
         assert record["last"]["regularizer/weight"] == WEIGHT
-        assert record["last"]["regularizer/penalty"] == pytest.approx(penalty, rel=1e-12)
+        # the regularizer computes in the gradients' precision, float32 here
+        assert record["last"]["regularizer/penalty"] == pytest.approx(penalty, rel=1e-6)
         assert record["global_step"] == 1
 
 

@@ -55,6 +55,15 @@ def test_sharded_strategies_really_shard(runs, strategy):
         assert all(sharded == total for sharded, total in record["sharded"]), record["sharded"]
 
 
+def test_zero3_gathers_consecutive_modules_together_within_the_largest_module_size(runs):
+    """One path-norm evaluation gathers groups of modules, far fewer collectives than one per module, and
+    never holds more entries at once than the largest module has."""
+    for record in records(runs("zero3")):
+        gathered, modules = record["gathers"]["gathered"], record["gathers"]["modules"]
+        assert len(modules) == 9 and 0 < len(gathered) <= len(modules) // 2, record["gathers"]
+        assert max(gathered) <= max(modules) and sum(gathered) == sum(modules)
+
+
 @pytest.mark.parametrize("strategy", ["single", "zero3"])
 def test_killed_and_resumed_run_logs_the_uninterrupted_drift_series(runs, strategy):
     whole = scalars(runs(strategy))

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytorch_lightning as pl
 import torch
@@ -26,8 +27,10 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, DistributedSampler
 
+import pathmonitor as pm
 from pathmonitor.callbacks import GeneralizationBoundMonitor, PathBudgetPruning, PathMetricDrift, PathNormMonitor
 from pathmonitor.callbacks.digits import DigitsData, DigitsNet
+from pathmonitor.graph import capture
 
 EVERY = 4  # monitor cadence in steps
 BATCH = 64  # over all ranks: 8 steps per epoch on 480 training samples, whatever the number of ranks
@@ -81,12 +84,32 @@ class ShardingProbe(Callback):
 
     def __init__(self) -> None:
         self.sharded: list[tuple[int, int]] = []  # (sharded parameters, parameters)
+        self.gathers: dict[str, list[int]] = {}
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         params = list(pl_module.parameters())
         local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP2: this rank's shard
         self.sharded.append((sum(p.numel() == 0 or t.numel() < p.numel() for p, t in zip(params, local)),
                              len(params)))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Under ZeRO-3, the entries every gather of one path-norm evaluation assembles, beside those of
+        each module the evaluation reads."""
+        if not any(hasattr(p, "ds_id") for p in pl_module.parameters()):
+            return
+        import deepspeed
+
+        gathered, enter = [], deepspeed.zero.GatheredParameters.__enter__
+
+        def counted(context):
+            if context.enabled:
+                gathered.append(sum(p.ds_numel for p in context.params))
+            return enter(context)
+
+        with mock.patch.object(deepspeed.zero.GatheredParameters, "__enter__", counted):
+            pm.path_norm(pl_module, (1, 8, 8))  # a collective: every rank evaluates
+        modules = [pl_module.get_submodule(name) for name in capture(pl_module, (1, 8, 8)).affine_modules()]
+        self.gathers = {"gathered": gathered, "modules": [sum(p.ds_numel for p in m.parameters()) for m in modules]}
 
 
 class PruningRounds(Callback):
@@ -184,7 +207,7 @@ def main() -> None:
     trainer.save_checkpoint(str(out / "ckpt" / "final.ckpt"))  # collective: every rank
     result = {"norm": monitors[0].last, "drift_init": monitors[1].last, "drift_checkpoint": monitors[2].last,
               "bound": monitors[3].last, "n_samples": monitors[3].n_samples, "input_bound": monitors[3].input_bound,
-              "sharded": probe.sharded, "global_step": trainer.global_step,
+              "sharded": probe.sharded, "gathers": probe.gathers, "global_step": trainer.global_step,
               "pruning_rounds": rounds.rounds if rounds else [],
               "pruned_state_nonzero": state_probe.nonzero if state_probe else None}
     if pruning:
