@@ -173,11 +173,16 @@ def full(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.full_tensor() if t is not None and is_dtensor(t) else t
 
 
+def _same_dtype(tensors: list[Tensor]) -> Iterator[list[int]]:
+    """The positions of the tensors of each dtype among them: what one flat collective can carry."""
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        yield [i for i, t in enumerate(tensors) if t.dtype == dtype]
+
+
 def from_rank_zero(tensors: list[Tensor]) -> list[Tensor]:
     """Rank 0's values of tensors every rank holds in full, in fresh tensors: one broadcast per dtype."""
     copies: list[Optional[Tensor]] = [None] * len(tensors)
-    for dtype in dict.fromkeys(t.dtype for t in tensors):
-        chosen = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+    for chosen in _same_dtype(tensors):
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in chosen])
         dist.broadcast(flat, src=0)
         for i, part in zip(chosen, flat.split([tensors[i].numel() for i in chosen])):
@@ -268,8 +273,7 @@ def _assemble(pieces: list[Tensor], shapes: list[tuple[int, ...]]) -> list[Tenso
     """The whole tensors from every rank's pieces of them: one all-gather per dtype among them."""
     _, size = world()
     assembled: list[Optional[Tensor]] = [None] * len(pieces)
-    for dtype in dict.fromkeys(piece.dtype for piece in pieces):
-        chosen = [i for i, piece in enumerate(pieces) if piece.dtype == dtype]
+    for chosen in _same_dtype(pieces):
         mine = torch.cat([pieces[i] for i in chosen])  # every rank's pieces have the same lengths
         parts = [torch.empty_like(mine) for _ in range(size)]
         dist.all_gather(parts, mine)
