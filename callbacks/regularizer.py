@@ -39,7 +39,8 @@ class PathNormRegularizer(PathCallback):
     FSDP2. With manual optimization the penalty joins every `optimizer.step()` the `training_step` makes
     (at most one optimizer), whatever the user accumulated before it. The penalty and its gradient are
     computed in the precision the gradients have (float64 for a float64 model, float32 otherwise), exact
-    to its round-off at any magnitude; the values last logged are in `.last`."""
+    to its round-off at any magnitude of the path-norm (MATH.md section 6); the values last logged are
+    in `.last`."""
 
     def __init__(self, weight: float, q: float = 1.0, log: bool = True, every_n_steps: int = 1,
                  warmup_steps: int = 0, schedule: Optional[Callable[[int], float]] = None,

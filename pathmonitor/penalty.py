@@ -39,7 +39,8 @@ def path_norm_penalty(model: nn.Module, input_shape: Sequence[int], q: float = 1
     exact far beyond float64. Gradients reach the model's own parameters (`weight_orig` where
     `torch.nn.utils.prune` masks a weight). Batch-norm layers contribute through their running statistics.
     Computed in float64, or in float32 with `dtype=torch.float32`: exact to float32 round-off at any
-    magnitude (the same running log-scales), and on most GPUs many times faster.
+    magnitude of the path-norm (the same running log-scales; MATH.md section 6 states the limits), and on
+    most GPUs many times faster.
     Sharded models (DeepSpeed ZeRO-3, FSDP2) are refused: use `penalty_gradients`.
     """
     model, shape, q = unwrapped(model), validated_input_shape(input_shape), validated_q(q)
@@ -61,8 +62,9 @@ def validated_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def training_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype a penalty's gradient is added in: float64 for a float64 model, else float32 (the master
-    weights of fp16 and bf16 training are float32)."""
+    """The dtype to compute a model's penalty in: float64 for a float64 model, else float32 (the master
+    weights of fp16 and bf16 training are float32; autograd still hands each parameter its gradient in
+    the parameter's own dtype)."""
     floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
     return torch.float64 if floating and all(d == torch.float64 for d in floating) else torch.float32
 
