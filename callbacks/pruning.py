@@ -223,7 +223,9 @@ class PathBudgetPruning(PathCallback):
             scheduled = ramped_sparsity(position, self.start, self.end, self.target_sparsity, self.ramp)
             cap = max(0, math.ceil(scheduled * total - 1e-9) - pruned)
         tracked = self.tracked
-        result = prune_round(tracked.graph, tracked.model, tracked.source, self.masks, self.budget, cap, self.scope)
+        with tracked.source.buffers_held():  # every pass of the round reads the same running statistics
+            result = prune_round(tracked.graph, tracked.model, tracked.source, self.masks, self.budget, cap,
+                                 self.scope)
         self.masks, self.rounds, self.last_step = result.masks, self.rounds + 1, trainer.global_step
         self._apply_to_weights()
         self._apply_to_optimizers(reset=self.rewind is not None)

@@ -2,9 +2,9 @@
 
 - Single process, DDP, DeepSpeed ZeRO-1/2: every rank holds full parameters; nothing to gather.
 - DeepSpeed ZeRO-3: every rank holds an empty partition (`p.ds_numel` entries in all, `p.numel() == 0`);
-  `deepspeed.zero.GatheredParameters` assembles parameters and frees them on exit. A pass announces the
-  modules it will read (`gathering_in_order`), and consecutive ones are gathered together, in groups no
-  larger than the largest module: one collective per group, at the peak memory of one module.
+  `held_in_full` assembles parameters and frees them on exit. A pass announces the modules it will read
+  (`gathering_in_order`), and consecutive ones are gathered together, in groups no larger than the
+  largest module: one collective per group, at the peak memory of one module.
 - FSDP2 (`fully_shard`): parameters are DTensors; `full_tensor()` assembles one.
 Gathering is a collective: every rank must read the same modules in the same order. The engine does,
 since it walks one captured graph. Buffers are never sharded, but DeepSpeed does not synchronize them
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -97,10 +97,55 @@ def gathered(module: nn.Module) -> Iterator[None]:
     if not partitioned:
         yield
         return
-    import deepspeed  # only reached when DeepSpeed made the parameters
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+    with held_in_full(partitioned):
         yield
+
+
+@contextlib.contextmanager
+def held_in_full(params: list[nn.Parameter]) -> Iterator[None]:
+    """The ZeRO-3 parameters `params` hold their full data for the duration, and are partitioned again on
+    exit (a collective: every rank passes the same parameters in the same order).
+
+    Those DeepSpeed keeps plainly partitioned (not offloaded to NVMe, no quantized or secondary copy)
+    are assembled here with one all-gather per process group and dtype, where DeepSpeed's own gather
+    makes one collective per parameter (about 1 ms each on gloo); the others go through
+    `deepspeed.zero.GatheredParameters`."""
+    plain = [p for p in params if _plainly_partitioned(p)]
+    others = [p for p in params if not _plainly_partitioned(p)]
+    with contextlib.ExitStack() as stack:
+        if others:
+            import deepspeed  # only reached when DeepSpeed made the parameters
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(others, modifier_rank=None))
+        for group in dict.fromkeys(p.ds_process_group for p in plain):
+            members = [p for p in plain if p.ds_process_group is group]
+            pieces = [p.ds_tensor.reshape(-1).narrow(0, 0, zero3_partition_size(p)).to(p.device) for p in members]
+            for p, whole in zip(members, _assemble(pieces, [tuple(p.ds_shape) for p in members], group)):
+                stack.callback(_partition_again, p, p.data)
+                p.data = whole
+                p.ds_status = _zero3_status().AVAILABLE
+        yield
+
+
+def _zero3_status() -> Any:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return ZeroParamStatus
+
+
+def _plainly_partitioned(p: nn.Parameter) -> bool:
+    """Whether this rank holds its partition of `p` in memory, in the parameter's dtype, and nothing else."""
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+    return (p.ds_status == _zero3_status().NOT_AVAILABLE and getattr(p, "ds_secondary_tensor", None) is None
+            and p.ds_tensor is not None and not hasattr(p.ds_tensor, "ds_quant_scale")
+            and getattr(p.ds_tensor, "status", None) == PartitionedParamStatus.AVAILABLE
+            and p.ds_tensor.dtype == p.dtype and p.ds_tensor.numel() >= zero3_partition_size(p))
+
+
+def _partition_again(p: nn.Parameter, partitioned: Tensor) -> None:
+    p.data = partitioned
+    p.ds_status = _zero3_status().NOT_AVAILABLE
 
 
 class _GatherPlan:
@@ -136,9 +181,7 @@ class _GatherPlan:
             return False
         if index >= 0 and index != self.held_index:
             self.release()
-            import deepspeed  # groups exist only for DeepSpeed's parameters
-
-            context = deepspeed.zero.GatheredParameters(self.groups[index], modifier_rank=None)
+            context = held_in_full(self.groups[index])
             context.__enter__()
             self._context, self.held_index = context, index
             self.held_ids = {id(p) for p in self.groups[index]}
@@ -269,14 +312,15 @@ def _piece(t: Tensor, rank: int, size: int) -> Tensor:
     return piece
 
 
-def _assemble(pieces: list[Tensor], shapes: list[tuple[int, ...]]) -> list[Tensor]:
-    """The whole tensors from every rank's pieces of them: one all-gather per dtype among them."""
-    _, size = world()
+def _assemble(pieces: list[Tensor], shapes: list[tuple[int, ...]], group: Any = None) -> list[Tensor]:
+    """The whole tensors from every rank's flat pieces of them (a tensor's pieces are of one length on
+    every rank, rank 0's first), cut to their shapes: one all-gather per dtype among them."""
+    size = dist.get_world_size(group=group)
     assembled: list[Optional[Tensor]] = [None] * len(pieces)
     for chosen in _same_dtype(pieces):
         mine = torch.cat([pieces[i] for i in chosen])  # every rank's pieces have the same lengths
         parts = [torch.empty_like(mine) for _ in range(size)]
-        dist.all_gather(parts, mine)
+        dist.all_gather(parts, mine, group=group)
         per_rank = [part.split([pieces[i].numel() for i in chosen]) for part in parts]
         for k, i in enumerate(chosen):
             whole = torch.cat([split[k] for split in per_rank])

@@ -9,16 +9,17 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Mapping, Sequence, Union
+from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .engine import log_total
+from .distributed import gathering_in_order
+from .engine import exact_values, log_total
 from .graph import PathGraph, capture
 from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
-from .norms import unwrapped, validated_input_shape
+from .norms import norm_and_log_of, unwrapped, validated_input_shape
 from .sources import (EdgeMagnitudes, Edges, EdgeSource, EnvelopeMagnitudes, ModuleSource, ParameterEdges,
                       ParameterSource, PowerMagnitudes, SignSplitEdges, StateDictSource, TransformedSource,
                       common_dtype, magnitude, paired_edges)
@@ -76,16 +77,27 @@ class _ComparingMagnitudes:
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
         with paired_edges(self.first, self.second, name, module) as pairs:
-            for x, y in pairs:
-                if x is None:
-                    continue
-                x, y = common_dtype(x.detach(), y.detach())
-                self.second_inside = self.second_inside and _between_zero_and(x, y)
-                self.first_inside = self.first_inside and _between_zero_and(y, x)
-                # where either flag still held, no sign differs; so only later tensors need a look
-                if not (self.second_inside or self.first_inside):
-                    self.conflicts = self.conflicts or _opposite_signs(x, y)
+            self._compare(pairs)
             yield magnitude(pairs[0][0]), magnitude(pairs[1][0])
+
+    def _compare(self, pairs: list[tuple]) -> None:
+        for x, y in pairs:
+            if x is None:
+                continue
+            x, y = common_dtype(x.detach(), y.detach())
+            self.second_inside = self.second_inside and _between_zero_and(x, y)
+            self.first_inside = self.first_inside and _between_zero_and(y, x)
+            # where either flag still held, no sign differs; so only later tensors need a look
+            if not (self.second_inside or self.first_inside):
+                self.conflicts = self.conflicts or _opposite_signs(x, y)
+
+    def compare_every_module(self, graph: PathGraph, model: nn.Module) -> None:
+        """The comparison alone, without a pass: each affine module read once, in the order a pass reads them."""
+        names = list(dict.fromkeys(graph.affine_modules()))
+        with gathering_in_order(model.get_submodule(name) for name in names):
+            for name in names:
+                with paired_edges(self.first, self.second, name, model.get_submodule(name)) as pairs:
+                    self._compare(pairs)
 
 
 def _log_envelope_gap(graph: PathGraph, model: nn.Module, first: EdgeSource, second: EdgeSource) -> float:
@@ -98,10 +110,23 @@ def metric_between(graph: PathGraph, model: nn.Module, first: ParameterSource, s
     """The path-metric between two parameter sources for one captured architecture (MATH.md §3).
 
     Passes of the |theta| network: 2 for pruning, 3 for a same-sign pair, 4 otherwise."""
+    return metric_and_norm(graph, model, first, second)[0]
+
+
+def metric_and_norm(graph: PathGraph, model: nn.Module, first: ParameterSource, second: ParameterSource,
+                    norm_first: Optional[tuple[float, float]] = None) -> tuple[PathMetric, tuple[float, float]]:
+    """`metric_between`, and (||Phi(theta)||_1, its log) of the first network (MATH.md §2), which the
+    metric's first pass computes as `norm_and_log` does. Given them (`norm_first`), that pass only
+    compares the two networks' coordinates, reading each module once, and evaluates nothing."""
     a, b = ParameterEdges(first), ParameterEdges(second)
     with torch.no_grad():
         comparing = _ComparingMagnitudes(a, b)
-        log_norm_a = _log_l1(graph, model, comparing)
+        if norm_first is None:
+            _, values = exact_values(graph, model, comparing, 1.0, keep=False)
+            norm_first = norm_and_log_of(values[-1], 1.0)
+        else:
+            comparing.compare_every_module(graph, model)
+        log_norm_a = norm_first[1]
         if comparing.second_inside or comparing.first_inside:
             log_norm_b = _log_l1(graph, model, PowerMagnitudes(b))
             log_value = log_difference(max(log_norm_a, log_norm_b), min(log_norm_a, log_norm_b))
@@ -118,7 +143,7 @@ def metric_between(graph: PathGraph, model: nn.Module, first: ParameterSource, s
         relative = math.exp(log_value - log_norm_a)
     else:  # no path at all in theta: any difference is infinitely large relative to it
         relative = 0.0 if log_value == -math.inf else math.inf
-    return PathMetric(value, exact, kind, log_value, relative)
+    return PathMetric(value, exact, kind, log_value, relative), norm_first
 
 
 def parameter_source(network: Network) -> ParameterSource:

@@ -102,11 +102,15 @@ def norm_and_log(graph: PathGraph, model: nn.Module, source: ParameterSource, q:
 
     The value is computed as `path_norm` computes it, so both agree to the last bit on the same weights."""
     with torch.no_grad():
-        total = sum_of_powers(graph, model, source, q)
-        value = float(norm_of(total, q))
-        if _plain(total):
-            return value, math.log(value)
-        return value, float(log_of(total, q)) / q
+        return norm_and_log_of(sum_of_powers(graph, model, source, q), q)
+
+
+def norm_and_log_of(total: Scaled, q: float) -> tuple[float, float]:
+    """(||Phi(theta)||_q, log ||Phi(theta)||_q) as floats from the exact sum of powers of a pass."""
+    value = float(norm_of(total, q))
+    if _plain(total):
+        return value, math.log(value)
+    return value, float(log_of(total, q)) / q
 
 
 def check_support(model: nn.Module, input_shape: Sequence[int]) -> SupportReport:

@@ -104,8 +104,11 @@ def penalty_gradients(graph: PathGraph, model: nn.Module, source: ParameterSourc
     gather of the parameter's module. With `log=True` a path-norm of 0 gives -inf and no gradient."""
     model = unwrapped(model)
     differentiate = _op_by_op if is_sharded(model) else _whole_graph
+    # rank 0's running statistics are broadcast once, though the op-by-op reverse pass reads every module again
+    held = source.buffers_held() if isinstance(source, ModuleSource) else contextlib.nullcontext()
     try:
-        return differentiate(graph, model, source, q, log, sink, validated_dtype(dtype))
+        with held:
+            return differentiate(graph, model, source, q, log, sink, validated_dtype(dtype))
     except ZeroPathNormError:  # raised before any gradient reaches the sink, on every rank alike
         return -math.inf
 
@@ -144,26 +147,23 @@ def _check_finite(found: list[tuple[str, nn.Parameter, Tensor]]) -> None:
 def _op_by_op(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
               sink: GradientSink, dtype: torch.dtype) -> float:
     """Reverse-mode differentiation one op at a time, re-evaluating each op on its kept inputs."""
-    # the reverse pass reads every module again: rank 0's running statistics are broadcast only once
-    held = source.buffers_held() if isinstance(source, ModuleSource) else contextlib.nullcontext()
-    with held:
-        magnitudes = PowerMagnitudes(ParameterEdges(source), q, dtype)
-        with torch.no_grad():
-            interpreter, values = exact_values(graph, model, magnitudes, q, keep=True, dtype=dtype)
-        total = values[-1]
-        leaf = total.value.detach().requires_grad_(True)
-        with torch.enable_grad():
-            penalty = penalty_of(Scaled(leaf, total.log_scale), q, log)
-            (seed,) = torch.autograd.grad(penalty, [leaf])
-        upstream: dict[int, Any] = {len(graph.ops) - 1: seed}
-        with gathering_in_order(model.get_submodule(name) for name in reversed(graph.affine_modules())):
-            for index in range(len(graph.ops) - 1, -1, -1):
-                grad = upstream.pop(index, None)
-                op = graph.ops[index]
-                if grad is None or op.kind in (OpKind.INPUT, OpKind.VALUE):
-                    continue
-                for read, read_grad in _op_backward(op, grad, values, interpreter, model, source, sink).items():
-                    upstream[read] = _add(upstream.get(read), read_grad)
+    magnitudes = PowerMagnitudes(ParameterEdges(source), q, dtype)
+    with torch.no_grad():
+        interpreter, values = exact_values(graph, model, magnitudes, q, keep=True, dtype=dtype)
+    total = values[-1]
+    leaf = total.value.detach().requires_grad_(True)
+    with torch.enable_grad():
+        penalty = penalty_of(Scaled(leaf, total.log_scale), q, log)
+        (seed,) = torch.autograd.grad(penalty, [leaf])
+    upstream: dict[int, Any] = {len(graph.ops) - 1: seed}
+    with gathering_in_order(model.get_submodule(name) for name in reversed(graph.affine_modules())):
+        for index in range(len(graph.ops) - 1, -1, -1):
+            grad = upstream.pop(index, None)
+            op = graph.ops[index]
+            if grad is None or op.kind in (OpKind.INPUT, OpKind.VALUE):
+                continue
+            for read, read_grad in _op_backward(op, grad, values, interpreter, model, source, sink).items():
+                upstream[read] = _add(upstream.get(read), read_grad)
     return float(penalty.detach())
 
 

@@ -50,8 +50,9 @@ class ModuleSource:
 
     @contextlib.contextmanager
     def buffers_held(self) -> Iterator[None]:
-        """Within it, rank 0's running statistics of a module are broadcast at its first read only: for
-        several passes over unchanged buffers. Every rank must enter it together (reads are collectives)."""
+        """Within it, rank 0's running statistics of every module are broadcast together, at the first read
+        that needs them, and kept: for passes over unchanged buffers. Every rank must enter it together
+        (reads are collectives)."""
         outer = self._rank_zero_buffers
         self._rank_zero_buffers = {} if outer is None else outer
         try:
@@ -78,12 +79,25 @@ class ModuleSource:
 
     def _rank_zero(self, name: str, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         held = self._rank_zero_buffers
-        if held is not None and name in held:
-            return held[name]
-        copies = dict(zip(buffers, from_rank_zero(list(buffers.values())))) if buffers else {}
-        if held is not None:
-            held[name] = copies
-        return copies
+        if held is None or not buffers:
+            return dict(zip(buffers, from_rank_zero(list(buffers.values())))) if buffers else {}
+        if not held:  # buffers are small: one broadcast for all of them rather than one per module read
+            held.update(self._every_module_rank_zero())
+        found = held.setdefault(name, {})
+        unregistered = {key: t for key, t in buffers.items() if key not in found}  # not in the module's _buffers
+        found.update(zip(unregistered, from_rank_zero(list(unregistered.values()))))
+        return {key: found[key] for key in buffers}
+
+    def _every_module_rank_zero(self) -> dict[str, dict[str, Tensor]]:
+        """Rank 0's running statistics of every module of the model, by the module's qualified names."""
+        named = list(self.root.named_modules(remove_duplicate=False))
+        owned = {id(m): {key: b for key, b in m._buffers.items() if b is not None and is_buffer_key(key)}
+                 for _, m in named}
+        flat = [(owner, key, b) for owner, buffers in owned.items() for key, b in buffers.items()]
+        copies: dict[int, dict[str, Tensor]] = {owner: {} for owner in owned}
+        for (owner, key, _), copy in zip(flat, from_rank_zero([b for _, _, b in flat])):
+            copies[owner][key] = copy
+        return {name: copies[id(m)] for name, m in named}
 
 
 def _effective(module: nn.Module, key: str) -> Optional[Tensor]:

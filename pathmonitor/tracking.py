@@ -21,7 +21,7 @@ from torch import nn
 from .bounds import GeneralizationBound, architecture_constants, assemble_bound
 from .distributed import ShardedSnapshot, is_dtensor, is_sharded
 from .graph import PathGraph, capture
-from .metrics import PathMetric, metric_between
+from .metrics import PathMetric, metric_and_norm
 from .norms import norm_and_log, unwrapped, validated_input_shape, validated_q
 from .sources import ModuleSource, ParameterSource
 
@@ -68,14 +68,24 @@ class TrackedModel:
     def path_norm(self, q: float = 1.0) -> NormValue:
         """||Phi(theta)||_q of the current weights (MATH.md section 2)."""
         q = validated_q(q)
-        return self._cached(("norm", q), lambda: NormValue(*norm_and_log(self.graph, self.model, self.source, q)))
+
+        def compute() -> NormValue:
+            with self.source.buffers_held():  # rank 0's running statistics in one broadcast
+                return NormValue(*norm_and_log(self.graph, self.model, self.source, q))
+
+        return self._cached(("norm", q), compute)
 
     def path_metric(self, reference: ParameterSource) -> PathMetric:
         """||Phi(theta) - Phi(theta_reference)||_1, current weights first (MATH.md section 3)."""
         # keyed on the object itself, which keeps it alive: a new reference never reuses a stale entry
         def compute() -> PathMetric:
+            # the metric's first pass is the L1 path-norm's: done at most once per moment
+            known = self._values.get(("norm", 1.0))
             with self.source.buffers_held():  # several passes over the same running statistics
-                return metric_between(self.graph, self.model, self.source, reference)
+                metric, norm = metric_and_norm(self.graph, self.model, self.source, reference,
+                                               None if known is None else (known.value, known.log_value))
+            self._cached(("norm", 1.0), lambda: NormValue(*norm))
+            return metric
 
         return self._cached(("metric", reference), compute)
 
@@ -91,7 +101,8 @@ class TrackedModel:
     def snapshot(self) -> ShardedSnapshot:
         """A frozen copy of the current weights and running statistics, sharded like the parameters."""
         modules = {name: self.model.get_submodule(name) for name in dict.fromkeys(self.graph.affine_modules())}
-        return ShardedSnapshot.take(modules, self.source, sharded=is_sharded(self.model))
+        with self.source.buffers_held():
+            return ShardedSnapshot.take(modules, self.source, sharded=is_sharded(self.model))
 
 
 def weights_version(model: nn.Module) -> tuple[int, ...]:

@@ -56,12 +56,14 @@ def test_sharded_strategies_really_shard(runs, strategy):
 
 
 def test_zero3_gathers_consecutive_modules_together_within_the_largest_module_size(runs):
-    """One path-norm evaluation gathers groups of modules, far fewer collectives than one per module, and
-    never holds more entries at once than the largest module has."""
+    """One path-norm evaluation gathers groups of modules, one collective per group (all parameters are
+    float32), far fewer than one per module, and never holds more entries at once than the largest
+    module has."""
     for record in records(runs("zero3")):
         gathered, modules = record["gathers"]["gathered"], record["gathers"]["modules"]
         assert len(modules) == 9 and 0 < len(gathered) <= len(modules) // 2, record["gathers"]
         assert max(gathered) <= max(modules) and sum(gathered) == sum(modules)
+        assert record["gathers"]["collectives"] == len(gathered), record["gathers"]
 
 
 @pytest.mark.parametrize("strategy", ["single", "zero3"])

@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, DistributedSampler
 
 import pathmonitor as pm
+from pathmonitor import distributed
 from pathmonitor.callbacks import GeneralizationBoundMonitor, PathBudgetPruning, PathMetricDrift, PathNormMonitor
 from pathmonitor.callbacks.digits import DigitsData, DigitsNet
 from pathmonitor.graph import capture
@@ -93,23 +94,27 @@ class ShardingProbe(Callback):
                              len(params)))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        """Under ZeRO-3, the entries every gather of one path-norm evaluation assembles, beside those of
-        each module the evaluation reads."""
+        """Under ZeRO-3, the entries every gather of one path-norm evaluation assembles and the collectives
+        it makes, beside the entries of each module the evaluation reads."""
         if not any(hasattr(p, "ds_id") for p in pl_module.parameters()):
             return
-        import deepspeed
+        gathered, collectives = [], []
+        hold, all_gather = distributed.held_in_full, distributed.dist.all_gather
 
-        gathered, enter = [], deepspeed.zero.GatheredParameters.__enter__
+        def counted_hold(params):
+            gathered.append(sum(p.ds_numel for p in params))
+            return hold(params)
 
-        def counted(context):
-            if context.enabled:
-                gathered.append(sum(p.ds_numel for p in context.params))
-            return enter(context)
+        def counted_all_gather(*args, **kwargs):
+            collectives.append(1)
+            return all_gather(*args, **kwargs)
 
-        with mock.patch.object(deepspeed.zero.GatheredParameters, "__enter__", counted):
+        with mock.patch.object(distributed, "held_in_full", counted_hold), \
+                mock.patch.object(distributed.dist, "all_gather", counted_all_gather):
             pm.path_norm(pl_module, (1, 8, 8))  # a collective: every rank evaluates
         modules = [pl_module.get_submodule(name) for name in capture(pl_module, (1, 8, 8)).affine_modules()]
-        self.gathers = {"gathered": gathered, "modules": [sum(p.ds_numel for p in m.parameters()) for m in modules]}
+        self.gathers = {"gathered": gathered, "collectives": len(collectives),
+                        "modules": [sum(p.ds_numel for p in m.parameters()) for m in modules]}
 
 
 class PruningRounds(Callback):
