@@ -17,6 +17,7 @@ a full copy when they are full, 1/world of every tensor per rank when they are s
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional
 
@@ -63,7 +64,12 @@ def zero3_piece(p: nn.Parameter, full: Tensor) -> Tensor:
 
 def has_class_named(obj: object, name: str) -> bool:
     """Whether `obj` is an instance of a class called `name`: a test that imports nothing."""
-    return any(cls.__name__ == name for cls in type(obj).__mro__)
+    return name in _class_names(type(obj))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_names(cls: type) -> frozenset[str]:
+    return frozenset(base.__name__ for base in cls.__mro__)  # asked for every tensor of every pass
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -155,7 +161,8 @@ class _GatherPlan:
     def __init__(self, modules: list[nn.Module]):
         self.group_of: dict[int, int] = {}
         self.groups: list[list[nn.Parameter]] = []
-        sizes = {id(m): sum(p.ds_numel for p in m.parameters() if is_zero3_parameter(p)) for m in modules}
+        partitioned = {id(m): [p for p in m.parameters() if is_zero3_parameter(p)] for m in modules}
+        sizes = {key: sum(p.ds_numel for p in params) for key, params in partitioned.items()}
         budget = max(sizes.values(), default=0)
         if budget == 0:  # nothing sharded: every module is provided as it is
             self.group_of = dict.fromkeys(sizes, -1)
@@ -167,7 +174,7 @@ class _GatherPlan:
                 self.groups.append([])
                 filled = 0
             self.group_of[id(m)] = len(self.groups) - 1
-            self.groups[-1] += [p for p in m.parameters() if is_zero3_parameter(p)]
+            self.groups[-1] += partitioned[id(m)]
             filled += sizes[id(m)]
         self.held_index: Optional[int] = None
         self.held_ids: set[int] = set()

@@ -74,6 +74,7 @@ class Interpreter:
         self.device = device
         self.dtype = dtype
         self._peaks: list[Tensor] = []  # plain mode: the max of every activation that can shrink
+        self._modules: dict[str, nn.Module] = {}  # looked up once per pass: a lookup walks the module tree
 
     def run(self) -> Scaled:
         """The sum of all outputs of the |theta|^q network, as Scaled(0-dim tensor, log_scale)."""
@@ -83,7 +84,7 @@ class Interpreter:
         """The value of every op (the last one is the total); with `keep=False` each is dropped after
         its last use, so only the total is left."""
         values: list[Any] = [None] * len(self.graph.ops)
-        with gathering_in_order(self.model.get_submodule(name) for name in self.graph.affine_modules()):
+        with gathering_in_order(self.module(name) for name in self.graph.affine_modules()):
             for i, op in enumerate(self.graph.ops):
                 values[i] = self.evaluate_op(op, values)
                 if not self.log_scaled and op.kind in _SHRINKING:
@@ -92,6 +93,11 @@ class Interpreter:
                     for released in op.release:
                         values[released] = None
         return values
+
+    def module(self, name: str) -> nn.Module:
+        if name not in self._modules:
+            self._modules[name] = self.model.get_submodule(name)
+        return self._modules[name]
 
     def _watch(self, t: Tensor) -> Tensor:
         if t.numel():
@@ -172,7 +178,7 @@ class Interpreter:
         return self._affine(op, args[0], scale)
 
     def _affine(self, op: PathOp, x: Tensor, log_scale: float) -> Scaled:
-        module = self.model.get_submodule(op.target)
+        module = self.module(op.target)
         # a functional call on the layer's tensors carries its own settings (a padding, say)
         apply = op.fn or functools.partial(apply_affine, module)
         with self.magnitudes.affine(op.target, module) as (weight, bias):
