@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -179,6 +179,7 @@ class _GatherPlan:
         self.held_index: Optional[int] = None
         self.held_ids: set[int] = set()
         self._context: Optional[contextlib.AbstractContextManager] = None
+        self.at_end: list[Callable[[], None]] = []
 
     def provides(self, module: nn.Module) -> bool:
         """Whether the module is in the plan; if so, its group is now held in full (a collective when
@@ -216,6 +217,16 @@ def gathering_in_order(modules: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         _PLANS.remove(plan)
         plan.release()
+        for callback in plan.at_end:
+            callback()
+
+
+def at_end_of_pass(callback: Callable[[], None]) -> bool:
+    """Call `callback` when the innermost `gathering_in_order` ends; False (and no call) outside one."""
+    if not _PLANS:
+        return False
+    _PLANS[-1].at_end.append(callback)
+    return True
 
 
 def full(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -255,6 +266,7 @@ class ShardedSnapshot:
                  world_size: int, rank: int):
         self.pieces, self.shapes, self.sharded = pieces, shapes, sharded
         self.world_size, self.rank = world_size, rank
+        self._assembled: Optional[tuple[str, dict[str, Tensor]]] = None  # the module last read, within a pass
 
     @classmethod
     def take(cls, modules: Mapping[str, nn.Module], source: "ParameterSource", sharded: bool) -> "ShardedSnapshot":
@@ -284,11 +296,26 @@ class ShardedSnapshot:
                 continue
             present[key] = full_name
         if self.sharded:
-            found = dict(zip(present, _assemble([self.pieces[n] for n in present.values()],
-                                                [self.shapes[n] for n in present.values()])))
+            found = self._assembled_module(name, present)
         else:
             found = {key: self.pieces[n] for key, n in present.items()}
         yield {key: found.get(key) for key in tensor_names(module)}
+
+    def _assembled_module(self, name: str, present: dict[str, str]) -> dict[str, Tensor]:
+        """The whole tensors of a module from every rank's pieces (a collective). Within a pass the module
+        last read is kept until another is read or the pass ends: several networks evaluated together
+        (`engine.walk`) read it one after the other, and every rank reads the same modules in one order."""
+        if self._assembled is not None and self._assembled[0] == name:
+            return self._assembled[1]
+        self._assembled = None  # freed before the next module is assembled
+        found = dict(zip(present, _assemble([self.pieces[n] for n in present.values()],
+                                            [self.shapes[n] for n in present.values()])))
+        if at_end_of_pass(self._forget_assembled):
+            self._assembled = (name, found)
+        return found
+
+    def _forget_assembled(self) -> None:
+        self._assembled = None
 
     def state_dict(self) -> dict:
         return {"pieces": dict(self.pieces), "shapes": dict(self.shapes), "sharded": self.sharded,

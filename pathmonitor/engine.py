@@ -83,16 +83,16 @@ class Interpreter:
     def values(self, keep: bool) -> list[Any]:
         """The value of every op (the last one is the total); with `keep=False` each is dropped after
         its last use, so only the total is left."""
-        values: list[Any] = [None] * len(self.graph.ops)
-        with gathering_in_order(self.module(name) for name in self.graph.affine_modules()):
-            for i, op in enumerate(self.graph.ops):
-                values[i] = self.evaluate_op(op, values)
-                if not self.log_scaled and op.kind in _SHRINKING:
-                    map_tensors(values[i].value, self._watch)
-                if not keep:
-                    for released in op.release:
-                        values[released] = None
-        return values
+        return walk([self], keep)[0]
+
+    def step(self, i: int, op: PathOp, values: list[Any], keep: bool) -> None:
+        """Evaluate op `i` into `values`."""
+        values[i] = self.evaluate_op(op, values)
+        if not self.log_scaled and op.kind in _SHRINKING:
+            map_tensors(values[i].value, self._watch)
+        if not keep:
+            for released in op.release:
+                values[released] = None
 
     def module(self, name: str) -> nn.Module:
         if name not in self._modules:
@@ -209,6 +209,18 @@ class Interpreter:
         return Scaled(total, common)
 
 
+def walk(interpreters: Sequence[Interpreter], keep: bool) -> list[list[Any]]:
+    """The values of every op of several interpreters of one graph, evaluated op by op in lockstep: each
+    module is read (under ZeRO-3 gathered) once for all of them, while it is current."""
+    graph = interpreters[0].graph
+    all_values: list[list[Any]] = [[None] * len(graph.ops) for _ in interpreters]
+    with gathering_in_order(interpreters[0].module(name) for name in graph.affine_modules()):
+        for i, op in enumerate(graph.ops):
+            for interpreter, values in zip(interpreters, all_values):
+                interpreter.step(i, op, values, keep)
+    return all_values
+
+
 def evaluate(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float, *,
              log_scaled: bool, device: Optional[torch.device] = None) -> Scaled:
     """Sum of all outputs of the |theta|^q network of `graph` on an input of ones."""
@@ -247,17 +259,33 @@ def exact_values(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes,
     """The interpreter and the values of a pass whose total is exact (to the round-off of `dtype`): a
     plain pass, repeated with running log-scales when anything in it over- or underflows (both exact,
     the plain one cheaper); once a graph needed them, its later passes in that dtype and q start there."""
+    return exact_walks(graph, model, [magnitudes], q, keep=keep, device=device, dtype=dtype)[0]
+
+
+def exact_walks(graph: PathGraph, model: nn.Module, networks: Sequence[EdgeMagnitudes], q: float, *, keep: bool,
+                device: Optional[torch.device] = None,
+                dtype: torch.dtype = torch.float64) -> list[tuple[Interpreter, list[Any]]]:
+    """`exact_values` of several |theta|^q networks of one graph, evaluated in lockstep (`walk`); those
+    whose plain pass left the range are evaluated again together, with running log-scales."""
     device = model_device(model) if device is None else device
     needed = _NEEDED_LOG_SCALES.get(id(graph))
+    log_scaled = list(range(len(networks)))
+    results: list[Optional[tuple[Interpreter, list[Any]]]] = [None] * len(networks)
     if needed is None or (dtype, q) not in needed:
-        interpreter = Interpreter(graph, model, magnitudes, q, False, device, dtype)
-        values = interpreter.values(keep)
-        if is_precise(values[-1].value) and interpreter.stayed_in_range():
-            return interpreter, values
-        del values  # the plain pass's activations (and autograd graph) go before the second pass
-        _remember_log_scales(graph, (dtype, q))
-    interpreter = Interpreter(graph, model, magnitudes, q, True, device, dtype)
-    return interpreter, interpreter.values(keep)
+        plain = [Interpreter(graph, model, m, q, False, device, dtype) for m in networks]
+        log_scaled = []
+        for k, (interpreter, values) in enumerate(zip(plain, walk(plain, keep))):
+            if is_precise(values[-1].value) and interpreter.stayed_in_range():
+                results[k] = (interpreter, values)
+            else:
+                log_scaled.append(k)  # its activations (and autograd graph) go before the second walk
+        if log_scaled:
+            _remember_log_scales(graph, (dtype, q))
+    if log_scaled:
+        again = [Interpreter(graph, model, networks[k], q, True, device, dtype) for k in log_scaled]
+        for k, interpreter, values in zip(log_scaled, again, walk(again, keep)):
+            results[k] = (interpreter, values)
+    return results  # type: ignore[return-value]
 
 
 # per graph (by id, dropped with the graph): the (dtype, q) whose plain pass did not stay in range once;

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import gathering_in_order
-from .engine import exact_values, log_total
+from .engine import exact_values, exact_walks, log_of
 from .graph import PathGraph, capture
 from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
@@ -48,8 +48,9 @@ class PathMetric:
         return f"path-metric {relation} {self.value:.6g} ({self.relative:.3g} of the path-norm; {self.kind})"
 
 
-def _log_l1(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes) -> float:
-    return float(log_total(graph, model, magnitudes, 1.0))
+def _log_l1s(graph: PathGraph, model: nn.Module, networks: Sequence[EdgeMagnitudes]) -> list[float]:
+    """log of the L1 path-norm of each network, evaluated together in one walk of the graph."""
+    return [float(log_of(values[-1], 1.0)) for _, values in exact_walks(graph, model, networks, 1.0, keep=False)]
 
 
 def _between_zero_and(x: Tensor, y: Tensor) -> bool:
@@ -100,16 +101,16 @@ class _ComparingMagnitudes:
                     self._compare(pairs)
 
 
-def _log_envelope_gap(graph: PathGraph, model: nn.Module, first: EdgeSource, second: EdgeSource) -> float:
-    """log(||Phi(max(|a|,|b|))||_1 - ||Phi(min(|a|,|b|))||_1)."""
-    return log_difference(_log_l1(graph, model, EnvelopeMagnitudes(first, second, torch.maximum)),
-                          _log_l1(graph, model, EnvelopeMagnitudes(first, second, torch.minimum)))
+def _envelopes(first: EdgeSource, second: EdgeSource) -> list[EdgeMagnitudes]:
+    """max(|a|,|b|) and min(|a|,|b|): the difference of their L1 path-norms bounds the metric (MATH.md §3)."""
+    return [EnvelopeMagnitudes(first, second, torch.maximum), EnvelopeMagnitudes(first, second, torch.minimum)]
 
 
 def metric_between(graph: PathGraph, model: nn.Module, first: ParameterSource, second: ParameterSource) -> PathMetric:
     """The path-metric between two parameter sources for one captured architecture (MATH.md §3).
 
-    Passes of the |theta| network: 2 for pruning, 3 for a same-sign pair, 4 otherwise."""
+    Two walks of the graph: the first network's |theta| network, comparing the two networks on the way;
+    then, together, the one (pruning), two (same-sign pair) or three (otherwise) networks the kind needs."""
     return metric_and_norm(graph, model, first, second)[0]
 
 
@@ -128,15 +129,15 @@ def metric_and_norm(graph: PathGraph, model: nn.Module, first: ParameterSource, 
             comparing.compare_every_module(graph, model)
         log_norm_a = norm_first[1]
         if comparing.second_inside or comparing.first_inside:
-            log_norm_b = _log_l1(graph, model, PowerMagnitudes(b))
+            (log_norm_b,) = _log_l1s(graph, model, [PowerMagnitudes(b)])
             log_value = log_difference(max(log_norm_a, log_norm_b), min(log_norm_a, log_norm_b))
             kind, exact = "pruning", True
         elif not comparing.conflicts:
-            log_value, kind, exact = _log_envelope_gap(graph, model, a, b), "same_sign", False
+            log_value, kind, exact = log_difference(*_log_l1s(graph, model, _envelopes(a, b))), "same_sign", False
         else:
             split = SignSplitEdges(a, b)
-            pruned = log_difference(log_norm_a, _log_l1(graph, model, PowerMagnitudes(split)))
-            log_value = log_sum(pruned, _log_envelope_gap(graph, model, split, b))
+            log_split, log_max, log_min = _log_l1s(graph, model, [PowerMagnitudes(split), *_envelopes(split, b)])
+            log_value = log_sum(log_difference(log_norm_a, log_split), log_difference(log_max, log_min))
             kind, exact = "general", False
     value = exp_or_inf(log_value)
     if log_norm_a > -math.inf:

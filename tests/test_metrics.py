@@ -271,8 +271,9 @@ def test_state_dict_hints():
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("kind", ["pruning", "same_sign", "general"])
 def test_a_tracked_metric_and_l1_norm_at_one_moment_share_the_first_pass(kind, norm_first, monkeypatch):
-    """The metric's first pass is the L1 path-norm's: at one moment the two cost one pass less than apart,
-    in either order, and each equals its stand-alone value."""
+    """The metric's first pass is the L1 path-norm's: at one moment the two evaluate one network less than
+    apart, in either order, in two walks of the graph (the networks the kind needs evaluated together),
+    and each equals its stand-alone value."""
     from pathmonitor import engine
     from pathmonitor.metrics import parameter_source
     from pathmonitor.tracking import TrackedModel
@@ -280,14 +281,15 @@ def test_a_tracked_metric_and_l1_norm_at_one_moment_share_the_first_pass(kind, n
     net, shape = make("tiny_residual", 0)
     other = perturbed(net, kind, torch.Generator().manual_seed(1))
     reference = parameter_source(other)
-    passes = []
-    values = engine.Interpreter.values
-    monkeypatch.setattr(engine.Interpreter, "values", lambda self, keep: passes.append(1) or values(self, keep))
+    walks = []
+    walk = engine.walk
+    monkeypatch.setattr(engine, "walk",
+                        lambda interpreters, keep: walks.append(len(interpreters)) or walk(interpreters, keep))
     tracked = TrackedModel(net, shape, synchronized=False).at("now")
     asked = [lambda: tracked.path_norm(1), lambda: tracked.path_metric(reference)]
     norm, metric = (asked[0](), asked[1]()) if norm_first else (asked[1](), asked[0]())[::-1]
     alone = {"pruning": 2, "same_sign": 3, "general": 4}[kind]
-    assert metric.kind == kind and len(passes) == alone
+    assert metric.kind == kind and sum(walks) == alone and len(walks) == 2, walks
     expected = pm.path_metric(net, other, shape)
     assert (metric.value, metric.exact) == (pytest.approx(expected.value, rel=1e-12), expected.exact)
     assert metric.relative == pytest.approx(expected.relative, rel=1e-12)
