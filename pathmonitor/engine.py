@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from .distributed import gathering_in_order
 from .errors import ParameterMismatchError, PathComputationError
-from .graph import OpKind, PathGraph, PathOp, Ref
+from .graph import OpKind, PathGraph, PathOp, PerGraph, Ref
 from .layers import apply_affine, bias_view
 from .sources import EdgeMagnitudes
 
@@ -268,7 +267,7 @@ def exact_walks(graph: PathGraph, model: nn.Module, networks: Sequence[EdgeMagni
     """`exact_values` of several |theta|^q networks of one graph, evaluated in lockstep (`walk`); those
     whose plain pass left the range are evaluated again together, with running log-scales."""
     device = model_device(model) if device is None else device
-    needed = _NEEDED_LOG_SCALES.get(id(graph))
+    needed = _NEEDED_LOG_SCALES.get(graph)
     log_scaled = list(range(len(networks)))
     results: list[Optional[tuple[Interpreter, list[Any]]]] = [None] * len(networks)
     if needed is None or (dtype, q) not in needed:
@@ -280,7 +279,7 @@ def exact_walks(graph: PathGraph, model: nn.Module, networks: Sequence[EdgeMagni
             else:
                 log_scaled.append(k)  # its activations (and autograd graph) go before the second walk
         if log_scaled:
-            _remember_log_scales(graph, (dtype, q))
+            _NEEDED_LOG_SCALES.set(graph, (needed or frozenset()) | {(dtype, q)})
     if log_scaled:
         again = [Interpreter(graph, model, networks[k], q, True, device, dtype) for k in log_scaled]
         for k, interpreter, values in zip(log_scaled, again, walk(again, keep)):
@@ -288,16 +287,9 @@ def exact_walks(graph: PathGraph, model: nn.Module, networks: Sequence[EdgeMagni
     return results  # type: ignore[return-value]
 
 
-# per graph (by id, dropped with the graph): the (dtype, q) whose plain pass did not stay in range once;
-# its later evaluations (the next training steps) start with running log-scales rather than repeat a pass
-_NEEDED_LOG_SCALES: dict[int, set[tuple[torch.dtype, float]]] = {}
-
-
-def _remember_log_scales(graph: PathGraph, key: tuple[torch.dtype, float]) -> None:
-    if id(graph) not in _NEEDED_LOG_SCALES:
-        _NEEDED_LOG_SCALES[id(graph)] = set()
-        weakref.finalize(graph, _NEEDED_LOG_SCALES.pop, id(graph), None)
-    _NEEDED_LOG_SCALES[id(graph)].add(key)
+# the (dtype, q) whose plain pass did not stay in range once for a graph: its later evaluations (the next
+# training steps) start with running log-scales rather than repeat a pass
+_NEEDED_LOG_SCALES: PerGraph[frozenset[tuple[torch.dtype, float]]] = PerGraph()
 
 
 def log_total(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float,

@@ -11,7 +11,7 @@ import functools
 import operator
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Generic, Iterable, Mapping, Optional, TypeVar
 
 import torch
 import torch.fx as fx
@@ -68,6 +68,24 @@ class PathGraph:
     def affine_modules(self) -> tuple[str, ...]:
         """Qualified names of the modules whose parameters the graph reads, in execution order."""
         return tuple(op.target for op in self.ops if op.kind is OpKind.AFFINE)
+
+
+T = TypeVar("T")
+
+
+class PerGraph(Generic[T]):
+    """A value kept for each captured graph (by identity) and dropped with the graph."""
+
+    def __init__(self) -> None:
+        self._values: dict[int, T] = {}
+
+    def get(self, graph: PathGraph) -> Optional[T]:
+        return self._values.get(id(graph))
+
+    def set(self, graph: PathGraph, value: T) -> None:
+        if id(graph) not in self._values:
+            weakref.finalize(graph, self._values.pop, id(graph), None)
+        self._values[id(graph)] = value
 
 
 _CLIPPING = "clips its input, so it is not positively homogeneous"

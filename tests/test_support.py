@@ -97,6 +97,21 @@ def test_wrong_input_shape_names_the_failing_module():
         pm.path_norm(model, (3, 9, 9))
 
 
+def test_the_shape_check_runs_once_per_graph_and_again_when_a_tensor_changes_shape(monkeypatch):
+    from pathmonitor import norms
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    dry_runs = []
+    evaluate = norms.evaluate
+    monkeypatch.setattr(norms, "evaluate", lambda *args, **kwargs: dry_runs.append(1) or evaluate(*args, **kwargs))
+    assert not pm.check_support(model, (3, 8, 8)) and not pm.check_support(model, (3, 8, 8))
+    assert len(dry_runs) == 1  # several monitors of one model
+    with torch.no_grad():
+        model[2].weight = nn.Parameter(torch.ones(2, 4 * 5 * 5))  # the structure is the same, a shape is not
+    report = pm.check_support(model, (3, 8, 8))
+    assert len(dry_runs) == 2 and len(report) == 1 and "2 (Linear)" in str(report)
+
+
 @pytest.mark.parametrize("bad", [(), (3, 0, 4), "abc", 5, (2.5, 3)])
 def test_bad_input_shape_and_q(bad):
     with pytest.raises(ValueError, match="input_shape"):
