@@ -92,6 +92,12 @@ def apply_affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Te
         transposed = _TRANSPOSED_FUNCTIONS[len(module.kernel_size)]
         return transposed(x, weight, bias, module.stride, module.padding, module.output_padding,
                           module.groups, module.dilation)
+    if x.is_meta:  # shapes only: batch_norm on meta tensors runs a slow Python decomposition
+        if x.dim() < 2 or x.shape[1] != weight.shape[0]:
+            raise ValueError(f"expected an input with {weight.shape[0]} channels in dimension 1, got shape "
+                             f"{tuple(x.shape)}")
+        scaled = x * bias_view(module, weight, x.dim())
+        return scaled if bias is None else scaled + bias_view(module, bias, x.dim())
     # batch-norm with unit variance and zero mean is exactly x * weight + bias, in one fused kernel
     channels = weight.shape[0]
     zeros = torch.zeros(channels, dtype=x.dtype, device=x.device)

@@ -144,3 +144,10 @@ def test_capture_is_cached_and_invalidated_when_structure_changes():
 def test_data_parallel_wrapper_is_unwrapped_and_non_modules_rejected():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         pm.path_norm(lambda x: x, (3,))
+
+
+def test_a_batch_norm_fed_the_wrong_number_of_channels_is_refused_up_front():
+    """Also where broadcasting one input channel against the layer's channels would go through."""
+    model = nn.Sequential(nn.Conv2d(3, 1, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    report = pm.check_support(model, (3, 8, 8))
+    assert len(report) == 1 and "1 (BatchNorm2d)" in str(report) and "4 channels" in str(report)
