@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,8 @@ from .layers import parameter_name, tensor_names
 
 if TYPE_CHECKING:
     from .sources import ParameterSource
+
+T = TypeVar("T")
 
 
 def is_zero3_parameter(t: Tensor) -> bool:
@@ -116,6 +118,7 @@ def held_in_full(params: list[nn.Parameter]) -> Iterator[None]:
     are assembled here with one all-gather per process group and dtype, where DeepSpeed's own gather
     makes one collective per parameter (about 1 ms each on gloo); the others go through
     `deepspeed.zero.GatheredParameters`."""
+    params = list(dict.fromkeys(params))  # a tensor registered twice is gathered once
     plain = [p for p in params if _plainly_partitioned(p)]
     others = [p for p in params if not _plainly_partitioned(p)]
     with contextlib.ExitStack() as stack:
@@ -161,7 +164,7 @@ class _GatherPlan:
     def __init__(self, modules: list[nn.Module]):
         self.group_of: dict[int, int] = {}
         self.groups: list[list[nn.Parameter]] = []
-        partitioned = {id(m): [p for p in m.parameters() if is_zero3_parameter(p)] for m in modules}
+        partitioned = {id(m): [p for p in _parameters_of(m) if is_zero3_parameter(p)] for m in modules}
         sizes = {key: sum(p.ds_numel for p in params) for key, params in partitioned.items()}
         budget = max(sizes.values(), default=0)
         if budget == 0:  # nothing sharded: every module is provided as it is
@@ -201,6 +204,14 @@ class _GatherPlan:
             context.__exit__(None, None, None)
 
 
+def _parameters_of(module: nn.Module) -> Iterable[nn.Parameter]:
+    """`module.parameters()`, read straight from its table when it has no children (as layers mostly
+    have not): a plan lists them for every pass."""
+    if module._modules:
+        return module.parameters()
+    return dict.fromkeys(p for p in module._parameters.values() if p is not None)  # one entry per tensor
+
+
 _PLANS: list[_GatherPlan] = []
 
 
@@ -227,6 +238,26 @@ def at_end_of_pass(callback: Callable[[], None]) -> bool:
         return False
     _PLANS[-1].at_end.append(callback)
     return True
+
+
+class LastModuleMemo(Generic[T]):
+    """What was computed for the module read last, kept until another module is read or the pass ends:
+    the networks that one walk evaluates together (`engine.walk`) read each module in turn."""
+
+    def __init__(self) -> None:
+        self._kept: Optional[tuple[str, T]] = None
+
+    def get(self, name: str, compute: Callable[[], T]) -> T:
+        if self._kept is not None and self._kept[0] == name:
+            return self._kept[1]
+        self._kept = None  # freed before the next module's value is computed
+        value = compute()
+        if at_end_of_pass(self._forget):
+            self._kept = (name, value)
+        return value
+
+    def _forget(self) -> None:
+        self._kept = None
 
 
 def full(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -266,7 +297,7 @@ class ShardedSnapshot:
                  world_size: int, rank: int):
         self.pieces, self.shapes, self.sharded = pieces, shapes, sharded
         self.world_size, self.rank = world_size, rank
-        self._assembled: Optional[tuple[str, dict[str, Tensor]]] = None  # the module last read, within a pass
+        self._assembled: LastModuleMemo[dict[str, Tensor]] = LastModuleMemo()
 
     @classmethod
     def take(cls, modules: Mapping[str, nn.Module], source: "ParameterSource", sharded: bool) -> "ShardedSnapshot":
@@ -295,27 +326,12 @@ class ShardedSnapshot:
                                                  f"{name!r} ({type(module).__name__})")
                 continue
             present[key] = full_name
-        if self.sharded:
-            found = self._assembled_module(name, present)
+        if self.sharded:  # a collective; within a pass, the networks of one walk share it
+            found = self._assembled.get(name, lambda: dict(zip(present, _assemble(
+                [self.pieces[n] for n in present.values()], [self.shapes[n] for n in present.values()]))))
         else:
             found = {key: self.pieces[n] for key, n in present.items()}
         yield {key: found.get(key) for key in tensor_names(module)}
-
-    def _assembled_module(self, name: str, present: dict[str, str]) -> dict[str, Tensor]:
-        """The whole tensors of a module from every rank's pieces (a collective). Within a pass the module
-        last read is kept until another is read or the pass ends: several networks evaluated together
-        (`engine.walk`) read it one after the other, and every rank reads the same modules in one order."""
-        if self._assembled is not None and self._assembled[0] == name:
-            return self._assembled[1]
-        self._assembled = None  # freed before the next module is assembled
-        found = dict(zip(present, _assemble([self.pieces[n] for n in present.values()],
-                                            [self.shapes[n] for n in present.values()])))
-        if at_end_of_pass(self._forget_assembled):
-            self._assembled = (name, found)
-        return found
-
-    def _forget_assembled(self) -> None:
-        self._assembled = None
 
     def state_dict(self) -> dict:
         return {"pieces": dict(self.pieces), "shapes": dict(self.shapes), "sharded": self.sharded,

@@ -20,7 +20,7 @@ from .graph import PathGraph, capture
 from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
 from .norms import norm_and_log_of, unwrapped, validated_input_shape
-from .sources import (EdgeMagnitudes, Edges, EdgeSource, EnvelopeMagnitudes, ModuleSource, ParameterEdges,
+from .sources import (EdgeMagnitudes, Edges, EdgeSource, Envelopes, ModuleSource, ParameterEdges,
                       ParameterSource, PowerMagnitudes, SignSplitEdges, StateDictSource, TransformedSource,
                       common_dtype, magnitude, paired_edges)
 
@@ -34,7 +34,8 @@ class PathMetric:
 
     kind: "pruning" (one network is the other with entries zeroed or shrunk, signs kept: exact, two
     passes), "same_sign" (max/min envelope bound, three passes), "general" (sign split and triangle
-    inequality, four passes). `relative` is value / ||Phi(theta)||_1, the form a budget uses.
+    inequality, four passes). After the first, the passes a kind needs are evaluated together, in one
+    walk of the graph. `relative` is value / ||Phi(theta)||_1, the form a budget uses.
     `value` is inf only when the true number exceeds float64; `log_value` is always exact."""
 
     value: float
@@ -103,7 +104,8 @@ class _ComparingMagnitudes:
 
 def _envelopes(first: EdgeSource, second: EdgeSource) -> list[EdgeMagnitudes]:
     """max(|a|,|b|) and min(|a|,|b|): the difference of their L1 path-norms bounds the metric (MATH.md §3)."""
-    return [EnvelopeMagnitudes(first, second, torch.maximum), EnvelopeMagnitudes(first, second, torch.minimum)]
+    envelopes = Envelopes(first, second)
+    return [envelopes.upper, envelopes.lower]
 
 
 def metric_between(graph: PathGraph, model: nn.Module, first: ParameterSource, second: ParameterSource) -> PathMetric:

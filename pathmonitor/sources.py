@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .distributed import from_rank_zero, full, gathered, is_buffer_key, is_sharded, world
+from .distributed import LastModuleMemo, from_rank_zero, full, gathered, is_buffer_key, is_sharded, world
 from .errors import ParameterMismatchError
 from .layers import edge_parameters, parameter_name, tensor_names
 
@@ -215,16 +215,21 @@ def paired_edges(first: EdgeSource, second: EdgeSource, name: str, module: nn.Mo
 
 
 class SignSplitEdges:
-    """theta with every coordinate whose sign differs from theta' set to zero (MATH.md section 3)."""
+    """theta with every coordinate whose sign differs from theta' set to zero (MATH.md section 3); each
+    module's split is computed once for all the networks of a walk that read it."""
 
     def __init__(self, first: EdgeSource, second: EdgeSource):
         self.first, self.second = first, second
+        self._split: LastModuleMemo[Edges] = LastModuleMemo()
 
     @contextlib.contextmanager
     def edges(self, name: str, module: nn.Module) -> Iterator[Edges]:
+        yield self._split.get(name, lambda: self._compute(name, module))
+
+    def _compute(self, name: str, module: nn.Module) -> Edges:
         with paired_edges(self.first, self.second, name, module) as pairs:
-            yield tuple(None if x is None else torch.where(x.sign() * y.sign() < 0, torch.zeros_like(x), x)
-                        for x, y in pairs)
+            return tuple(None if x is None else torch.where(x.sign() * y.sign() < 0, torch.zeros_like(x), x)
+                         for x, y in pairs)  # type: ignore[return-value]
 
 
 def magnitude(t: Optional[Tensor], q: float = 1.0, dtype: torch.dtype = torch.float64) -> Optional[Tensor]:
@@ -260,18 +265,40 @@ class PowerMagnitudes:
             yield magnitude(weight, self.q, self.dtype), magnitude(bias, self.q, self.dtype)
 
 
-class EnvelopeMagnitudes:
-    """reduce(|theta|, |theta'|) coordinate-wise, reduce being torch.maximum or torch.minimum (MATH.md §3)."""
+class Envelopes:
+    """max(|theta|, |theta'|) and min(|theta|, |theta'|) coordinate-wise (MATH.md §3), as the magnitudes
+    `upper` and `lower`; each module's pair is computed once for both."""
 
-    def __init__(self, first: EdgeSource, second: EdgeSource, reduce: Callable[[Tensor, Tensor], Tensor]):
-        self.first, self.second, self.reduce = first, second, reduce
+    def __init__(self, first: EdgeSource, second: EdgeSource):
+        self.first, self.second = first, second
+        self._pairs: LastModuleMemo[tuple[Edges, Edges]] = LastModuleMemo()
+        self.upper, self.lower = _Envelope(self, 0), _Envelope(self, 1)
+
+    def both(self, name: str, module: nn.Module) -> tuple[Edges, Edges]:
+        return self._pairs.get(name, lambda: self._compute(name, module))
+
+    def _compute(self, name: str, module: nn.Module) -> tuple[Edges, Edges]:
+        upper, lower = [], []
+        with paired_edges(self.first, self.second, name, module) as pairs:
+            for x, y in pairs:
+                if x is None:
+                    upper.append(None), lower.append(None)
+                    continue
+                x, y = common_dtype(x.abs(), y.abs())  # reduced before widening to float64: half the traffic
+                upper.append(torch.maximum(x, y).to(torch.float64))
+                lower.append(torch.minimum(x, y).to(torch.float64))
+        return tuple(upper), tuple(lower)  # type: ignore[return-value]
+
+
+class _Envelope:
+    """One of the two magnitudes of `Envelopes` (0: max, 1: min)."""
+
+    def __init__(self, envelopes: Envelopes, which: int):
+        self.envelopes, self.which = envelopes, which
 
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
-        with paired_edges(self.first, self.second, name, module) as pairs:
-            # reduce before widening to float64: half the memory traffic
-            yield tuple(None if x is None else self.reduce(*common_dtype(x.abs(), y.abs())).to(torch.float64)
-                        for x, y in pairs)
+        yield self.envelopes.both(name, module)[self.which]
 
 
 class ScoringMagnitudes:
