@@ -143,17 +143,17 @@ def test_the_float32_penalty_equals_the_float64_one_to_float32_round_off(name, q
 
 def test_a_graph_that_needed_log_scales_starts_with_them_next_time():
     """Every training step of a network beyond the plain range would otherwise pay for a wasted plain pass."""
-    from pathmonitor.engine import Interpreter
+    from pathmonitor import engine
 
     net = _chain(19, 8, 100.0)
     passes = []
-    values = Interpreter.values
+    walk = engine.walk
 
-    def counted(self, keep):
-        passes.append(self.log_scaled)
-        return values(self, keep)
+    def counted(interpreters, keep):
+        passes.extend(interpreter.log_scaled for interpreter in interpreters)
+        return walk(interpreters, keep)
 
-    with mock.patch.object(Interpreter, "values", counted):
+    with mock.patch.object(engine, "walk", counted):
         first = float(path_norm_penalty(net, (8,), dtype=torch.float32))
         second = float(path_norm_penalty(net, (8,), dtype=torch.float32))
         float(path_norm_penalty(net, (8,)))  # float64: in range, so plain
