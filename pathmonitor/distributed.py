@@ -114,11 +114,12 @@ def held_in_full(params: list[nn.Parameter]) -> Iterator[None]:
     """The ZeRO-3 parameters `params` hold their full data for the duration, and are partitioned again on
     exit (a collective: every rank passes the same parameters in the same order).
 
-    Those DeepSpeed keeps plainly partitioned (not offloaded to NVMe, no quantized or secondary copy)
-    are assembled here with one all-gather per process group and dtype, where DeepSpeed's own gather
-    makes one collective per parameter (about 1 ms each on gloo); the others go through
-    `deepspeed.zero.GatheredParameters`."""
-    params = list(dict.fromkeys(params))  # a tensor registered twice is gathered once
+    Those DeepSpeed keeps plainly partitioned (this rank's partition in memory, no quantized or secondary
+    copy) are assembled here with one all-gather per process group and dtype, where DeepSpeed's own
+    gather makes one collective per parameter (about 1 ms each on gloo); the others go through
+    `deepspeed.zero.GatheredParameters`. Parameters a pass holds already are left to it."""
+    held = set().union(*(plan.held_ids for plan in _PLANS))
+    params = [p for p in dict.fromkeys(params) if id(p) not in held]  # a tensor registered twice: once
     plain = [p for p in params if _plainly_partitioned(p)]
     others = [p for p in params if not _plainly_partitioned(p)]
     with contextlib.ExitStack() as stack:
@@ -266,9 +267,9 @@ def full(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _same_dtype(tensors: list[Tensor]) -> Iterator[list[int]]:
-    """The positions of the tensors of each dtype among them: what one flat collective can carry."""
-    for dtype in dict.fromkeys(t.dtype for t in tensors):
-        yield [i for i, t in enumerate(tensors) if t.dtype == dtype]
+    """The positions of the tensors of each dtype and device among them: what one flat collective can carry."""
+    for kind in dict.fromkeys((t.dtype, t.device) for t in tensors):
+        yield [i for i, t in enumerate(tensors) if (t.dtype, t.device) == kind]
 
 
 def from_rank_zero(tensors: list[Tensor]) -> list[Tensor]:

@@ -277,7 +277,8 @@ def exact_walks(graph: PathGraph, model: nn.Module, networks: Sequence[EdgeMagni
             if is_precise(values[-1].value) and interpreter.stayed_in_range():
                 results[k] = (interpreter, values)
             else:
-                log_scaled.append(k)  # its activations (and autograd graph) go before the second walk
+                log_scaled.append(k)
+        del plain, interpreter, values  # the failed passes' activations (and autograd graphs) go before the next walk
         if log_scaled:
             _NEEDED_LOG_SCALES.set(graph, (needed or frozenset()) | {(dtype, q)})
     if log_scaled:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import gathering_in_order
-from .engine import exact_values, exact_walks, log_of
+from .engine import exact_values, exact_walks
 from .graph import PathGraph, capture
 from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
@@ -50,8 +50,9 @@ class PathMetric:
 
 
 def _log_l1s(graph: PathGraph, model: nn.Module, networks: Sequence[EdgeMagnitudes]) -> list[float]:
-    """log of the L1 path-norm of each network, evaluated together in one walk of the graph."""
-    return [float(log_of(values[-1], 1.0)) for _, values in exact_walks(graph, model, networks, 1.0, keep=False)]
+    """log of the L1 path-norm of each network, evaluated together in one walk of the graph; every log
+    of a metric is taken as `norm_and_log_of` takes it, so equal totals give equal logs, to the bit."""
+    return [norm_and_log_of(values[-1], 1.0)[1] for _, values in exact_walks(graph, model, networks, 1.0, keep=False)]
 
 
 def _between_zero_and(x: Tensor, y: Tensor) -> bool:

@@ -89,10 +89,11 @@ class ModuleSource:
         return {key: found[key] for key in buffers}
 
     def _every_module_rank_zero(self) -> dict[str, dict[str, Tensor]]:
-        """Rank 0's running statistics of every module of the model, by the module's qualified names."""
+        """Rank 0's running statistics of every layer of the model a graph can read them from (its
+        batch-norms), by the module's qualified names."""
         named = list(self.root.named_modules(remove_duplicate=False))
-        owned = {id(m): {key: b for key, b in m._buffers.items() if b is not None and is_buffer_key(key)}
-                 for _, m in named}
+        owned = {id(m): {key: b for key in tensor_names(m) if is_buffer_key(key)
+                         and (b := m._buffers.get(key)) is not None} for _, m in named}
         flat = [(owner, key, b) for owner, buffers in owned.items() for key, b in buffers.items()]
         copies: dict[int, dict[str, Tensor]] = {owner: {} for owner in owned}
         for (owner, key, _), copy in zip(flat, from_rank_zero([b for _, _, b in flat])):

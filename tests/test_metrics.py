@@ -294,3 +294,23 @@ def test_a_tracked_metric_and_l1_norm_at_one_moment_share_the_first_pass(kind, n
     assert (metric.value, metric.exact) == (pytest.approx(expected.value, rel=1e-12), expected.exact)
     assert metric.relative == pytest.approx(expected.relative, rel=1e-12)
     assert norm.value == float(pm.path_norm(net, shape))
+
+
+@pytest.mark.parametrize("weight", [1.4216737747192383, 0.9200531244277954, 1.6288471221923828])
+def test_identical_networks_are_at_path_metric_zero_exactly(weight):
+    """Every log of a metric is taken alike: two logs of one total never differ by an ulp, which would
+    leave a path-metric of 1e-16 between identical networks (these weights are where torch.log and
+    math.log disagree in the last bit), alone or after the tracked L1 path-norm."""
+    from pathmonitor.metrics import parameter_source
+    from pathmonitor.tracking import TrackedModel
+
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.ReLU(), nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.fill_(weight)
+        net[2].weight.fill_(1.0)
+    same = copy.deepcopy(net)
+    metric = pm.path_metric(net, same, (1,))
+    assert (metric.kind, metric.value, metric.log_value, metric.relative) == ("pruning", 0.0, -math.inf, 0.0)
+    tracked = TrackedModel(net, (1,), synchronized=False).at("now")
+    tracked.path_norm(1)
+    assert tracked.path_metric(parameter_source(same)).value == 0.0
