@@ -8,11 +8,12 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test bench clean
 
+# --no-cache-dir: torch's wheels are gigabytes; a second copy in pip's cache can fill a small disk
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e ".[test,vision,deepspeed]"
+	$(PIP) install -q --no-cache-dir --upgrade pip
+	$(PIP) install -q --no-cache-dir $(TORCH_PINS)
+	$(PIP) install -q --no-cache-dir -e ".[test,vision,deepspeed]"
 	touch $@
 
 demo: $(VENV)/.installed
