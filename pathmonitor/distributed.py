@@ -100,8 +100,7 @@ def gathered(module: nn.Module) -> Iterator[None]:
     if plan is not None and plan.provides(module):
         yield
         return
-    held = set().union(*(other.held_ids for other in _PLANS))
-    partitioned = [p for p in module.parameters() if is_zero3_parameter(p) and id(p) not in held]
+    partitioned = [p for p in module.parameters() if is_zero3_parameter(p)]  # held_in_full skips held ones
     if not partitioned:
         yield
         return
@@ -120,8 +119,9 @@ def held_in_full(params: list[nn.Parameter]) -> Iterator[None]:
     `deepspeed.zero.GatheredParameters`. Parameters a pass holds already are left to it."""
     held = set().union(*(plan.held_ids for plan in _PLANS))
     params = [p for p in dict.fromkeys(params) if id(p) not in held]  # a tensor registered twice: once
-    plain = [p for p in params if _plainly_partitioned(p)]
-    others = [p for p in params if not _plainly_partitioned(p)]
+    plain, others = [], []
+    for p in params:
+        (plain if _plainly_partitioned(p) else others).append(p)
     with contextlib.ExitStack() as stack:
         if others:
             import deepspeed  # only reached when DeepSpeed made the parameters

@@ -96,10 +96,10 @@ class _ComparingMagnitudes:
 
     def compare_every_module(self, graph: PathGraph, model: nn.Module) -> None:
         """The comparison alone, without a pass: each affine module read once, in the order a pass reads them."""
-        names = list(dict.fromkeys(graph.affine_modules()))
-        with gathering_in_order(model.get_submodule(name) for name in names):
-            for name in names:
-                with paired_edges(self.first, self.second, name, model.get_submodule(name)) as pairs:
+        modules = {name: model.get_submodule(name) for name in graph.affine_modules()}
+        with gathering_in_order(modules.values()):
+            for name, module in modules.items():
+                with paired_edges(self.first, self.second, name, module) as pairs:
                     self._compare(pairs)
 
 

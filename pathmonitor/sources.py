@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .distributed import LastModuleMemo, from_rank_zero, full, gathered, is_buffer_key, is_sharded, world
+from .distributed import LastModuleMemo, from_rank_zero, full, full_shape, gathered, is_buffer_key, is_sharded, world
 from .errors import ParameterMismatchError
 from .layers import edge_parameters, parameter_name, tensor_names
 
@@ -155,7 +155,7 @@ class MetaSource:
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
         found = {key: getattr(module, key, None) for key in tensor_names(module)}
-        yield {key: None if t is None else torch.empty(tuple(getattr(t, "ds_shape", t.shape)),
+        yield {key: None if t is None else torch.empty(tuple(full_shape(t)),
                                                           dtype=torch.float64, device="meta")
                for key, t in found.items()}
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .distributed import full_shape
+from .layers import BATCH_NORMS
 
 _NO_META = object()  # a value whose meta tensor could not be computed
 
@@ -250,15 +251,12 @@ class ScopedTracer(fx.Tracer):
         return None
 
 
-_BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
 def _keeps_shape(module: nn.Module, args: tuple, kwargs: dict) -> bool:
     """Whether the module is a batch-norm layer of the library's own (its forward not overridden) called
     on an input whose channels it normalizes: its output has the input's shape and dtype. Its forward on
     meta tensors runs a Python decomposition that takes most of a small model's tracing time."""
     x = args[0] if len(args) == 1 and not kwargs else None
-    return (type(module) in _BATCH_NORM_TYPES and isinstance(x, Tensor) and x.dim() >= 2
+    return (type(module) in BATCH_NORMS and isinstance(x, Tensor) and x.dim() >= 2
             and x.is_floating_point() and x.shape[1] == module.num_features)
 
 
