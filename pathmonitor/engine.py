@@ -30,6 +30,10 @@ from .sources import EdgeMagnitudes
 # the ops whose output can be smaller than their inputs; sums, re-indexing and identities cannot sink
 _SHRINKING = (OpKind.AFFINE, OpKind.POOL, OpKind.SCALE)
 
+# the log-scale of an activation that is zero everywhere: any other would, where it is summed with
+# others, rescale them to it (a zero with the huge scale of its input would flush them to zero)
+_ZERO_SCALE = -math.inf
+
 
 @dataclass(frozen=True)
 class Scaled:
@@ -169,7 +173,7 @@ class Interpreter:
                 raise PathComputationError(f"{op.label}: the constant factor is a {type(constant).__name__}, "
                                            f"not a number; only scaling by numbers is in the path model")
             if constant == 0:
-                return Scaled(args[0] * 0.0, scale)
+                return Scaled(args[0] * 0.0, _ZERO_SCALE if self.log_scaled else scale)
             log_factor = self.q * math.log(abs(constant))
             if self.log_scaled:  # exact at any magnitude: the factor joins the log-scale
                 return Scaled(args[0], scale + log_factor)
@@ -190,7 +194,7 @@ class Interpreter:
                 terms.append(_log_max(bias))
             new_scale = max(terms)
             if new_scale == -math.inf:
-                return Scaled(z, log_scale)
+                return Scaled(z, _ZERO_SCALE)
             out = _times_exp(z, z_log, log_scale - new_scale)
             if bias is not None:
                 out = out + bias_view(module, _times_exp(bias, terms[1], -new_scale), z.dim())
@@ -204,6 +208,8 @@ class Interpreter:
         if not sums:
             return Scaled(torch.zeros((), dtype=self.dtype, device=self.device))
         common = max(scale for _, scale in sums)
+        if common == _ZERO_SCALE:  # every output is zero
+            common = 0.0
         total = sum(s * math.exp(scale - common) for s, scale in sums)
         return Scaled(total, common)
 

@@ -131,7 +131,9 @@ def metric_and_norm(graph: PathGraph, model: nn.Module, first: ParameterSource, 
         else:
             comparing.compare_every_module(graph, model)
         log_norm_a = norm_first[1]
-        if comparing.second_inside or comparing.first_inside:
+        if comparing.second_inside and comparing.first_inside:  # |b| <= |a| <= |b|, same signs: equal
+            log_value, kind, exact = -math.inf, "pruning", True
+        elif comparing.second_inside or comparing.first_inside:
             (log_norm_b,) = _log_l1s(graph, model, [PowerMagnitudes(b)])
             log_value = log_difference(max(log_norm_a, log_norm_b), min(log_norm_a, log_norm_b))
             kind, exact = "pruning", True

@@ -4,7 +4,8 @@ A `TrackedModel` holds the model, its input shape and the parameter source that 
 under sharding, rank 0's running statistics under DDP and DeepSpeed). Values are cached per moment:
 a token from the caller (the fit and the training step) together with the version counters of every
 parameter, shard and buffer, which in-place changes through autograd-visible tensors bump (an optimizer
-step on plain parameters, a batch-norm update, pruning, `load_state_dict`). So several monitors asking
+step on plain parameters, a batch-norm update, pruning, `load_state_dict`), and their identities (a
+tensor replaced by another). So several monitors asking
 for the L1 path-norm at one step cost one evaluation, and such a change between them is not missed.
 Writes through `.data` and DeepSpeed's own updates of its partitions bump no counter: between two
 monitors at one step, those go unseen. `tracked(model, shape)` returns the one instance per (model,
@@ -106,13 +107,16 @@ class TrackedModel:
 
 
 def weights_version(model: nn.Module) -> tuple[int, ...]:
-    """The version counters of every parameter (and its ZeRO-3 partition or DTensor shard) and buffer."""
-    versions = [b._version for b in model.buffers()]
+    """The identity and version counter of every parameter (and its ZeRO-3 partition or DTensor shard) and
+    buffer: a tensor replaced by another (`load_state_dict(..., assign=True)`) changes it too."""
+    versions: list[int] = []
+    for t in model.buffers():
+        versions += [id(t), t._version]
     for p in model.parameters():
         shard = getattr(p, "ds_tensor", None)
         if shard is None and is_dtensor(p):
             shard = p._local_tensor
-        versions += [p._version, -1 if shard is None else shard._version]
+        versions += [id(p), p._version, -1 if shard is None else id(shard), -1 if shard is None else shard._version]
     return tuple(versions)
 
 

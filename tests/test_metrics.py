@@ -314,3 +314,59 @@ def test_identical_networks_are_at_path_metric_zero_exactly(weight):
     tracked = TrackedModel(net, (1,), synchronized=False).at("now")
     tracked.path_norm(1)
     assert tracked.path_metric(parameter_source(same)).value == 0.0
+
+
+def test_identical_networks_are_at_zero_even_when_their_norms_came_from_different_modes():
+    """A tracked L1 norm from a plain pass, then a reference whose plain pass fails (a zero head) makes the
+    graph's later passes log-scaled: identical coordinates still give exactly 0, found by the comparison."""
+    from pathmonitor.metrics import parameter_source
+    from pathmonitor.tracking import TrackedModel
+
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
+    with torch.no_grad():
+        net[1].running_mean.normal_(), net[1].running_var.uniform_(0.5, 2)
+    zero_head = copy.deepcopy(net)
+    with torch.no_grad():
+        zero_head[-1].weight.zero_(), zero_head[-1].bias.zero_()
+    tracked = TrackedModel(net, (3, 12, 12), synchronized=False).at("now")
+    tracked.path_norm(1)
+    assert tracked.path_metric(parameter_source(zero_head)).kind == "pruning"
+    metric = tracked.path_metric(parameter_source(copy.deepcopy(net)))
+    assert (metric.value, metric.exact, metric.relative) == (0.0, True, 0.0)
+
+
+def test_a_zero_branch_does_not_flush_the_rest_of_a_log_scaled_sum():
+    """A branch whose activations leave float64 (1e800) ends in a zero layer: summed with the skip, its
+    zeros must not carry their input's huge scale, which would round the skip's paths to nothing."""
+    from oracle import Add
+
+    def net(skip):
+        layers = [nn.Linear(1, 1, bias=False).double() for _ in range(5)]
+        shortcut = nn.Linear(1, 1, bias=False).double()
+        with torch.no_grad():
+            for layer in layers[:4]:
+                layer.weight.fill_(1e200)
+            layers[4].weight.zero_()
+            shortcut.weight.fill_(skip)
+        return Add(nn.Sequential(*layers), shortcut)
+
+    a, b = net(1.0), net(0.5)
+    assert float(pm.path_norm(a, (1,))) == path_sum(neuron_dag(a, (1,)), 1.0) == 1.0
+    metric = pm.path_metric(a, b, (1,))
+    assert metric.exact and metric.value == pytest.approx(enumerated_path_metric(neuron_dag([a, b], (1,)))) == 0.5
+
+
+def test_a_tracked_value_follows_parameters_replaced_by_other_tensors():
+    """`load_state_dict(..., assign=True)` swaps in another model's tensors, whose version counters are the
+    same as the replaced ones': not the same weights."""
+    from pathmonitor.tracking import TrackedModel
+
+    torch.manual_seed(0)
+    net, other = (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)) for _ in range(2))
+    tracked = TrackedModel(net, (3,), synchronized=False)
+    before = tracked.at("now").path_norm(1).value
+    net.load_state_dict(other.state_dict(), assign=True)
+    after = tracked.at("now").path_norm(1).value
+    assert after == float(pm.path_norm(other, (3,))) != before
