@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import ParameterMismatchError
+from .errors import ParameterMismatchError, PathComputationError
 from .layers import parameter_name, tensor_names
 
 if TYPE_CHECKING:
@@ -116,9 +116,20 @@ def held_in_full(params: list[nn.Parameter]) -> Iterator[None]:
     Those DeepSpeed keeps plainly partitioned (this rank's partition in memory, no quantized or secondary
     copy) are assembled here with one all-gather per process group and dtype, where DeepSpeed's own
     gather makes one collective per parameter (about 1 ms each on gloo); the others go through
-    `deepspeed.zero.GatheredParameters`. Parameters a pass holds already are left to it."""
+    `deepspeed.zero.GatheredParameters`. Parameters held in full already (by a pass, by an enclosing
+    scope, or by DeepSpeed itself: persistent and prefetched ones) are left as they are, to their holder.
+    Every rank sees the same statuses, so every rank makes the same collectives."""
     held = set().union(*(plan.held_ids for plan in _PLANS))
     params = [p for p in dict.fromkeys(params) if id(p) not in held]  # a tensor registered twice: once
+    if params:
+        status = _zero3_status()
+        in_flight = [p for p in params if p.ds_status == status.INFLIGHT]
+        if in_flight:
+            raise PathComputationError(
+                f"ZeRO-3 parameter ds_id={in_flight[0].ds_id} (shape {tuple(in_flight[0].ds_shape)}) is being "
+                f"gathered by DeepSpeed (a prefetch in flight): compute path quantities between training steps "
+                f"(a callback hook after the backward or the optimizer step), not inside a forward or backward")
+        params = [p for p in params if p.ds_status != status.AVAILABLE]
     plain, others = [], []
     for p in params:
         (plain if _plainly_partitioned(p) else others).append(p)

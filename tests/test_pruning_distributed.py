@@ -58,3 +58,11 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_masks(runs, strate
     for name in expected:
         assert torch.equal(expected[name], found[name]), name
     assert scalars(resumed)["prune/sparsity"][12] == scalars(whole)["prune/sparsity"][12]
+
+
+def test_parameters_deepspeed_keeps_gathered_stay_gathered_after_the_monitors(runs):
+    """Under DeepSpeed's default persistence threshold every parameter of this net stays gathered between
+    steps; the monitors (probed right after them, at every step they evaluate) and the pruning rounds read
+    them as they are and leave them so, rather than partition them behind DeepSpeed's back."""
+    for record in records(runs("zero3_persistent")):
+        assert record["sharded"] and all(sharded == 0 for sharded, _ in record["sharded"]), record["sharded"]
