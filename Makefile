@@ -27,6 +27,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/quantities_speed.py --models resnet18 resnet50
 	$(PY) benchmarks/monitor_overhead.py
 	$(PY) benchmarks/regularizer_overhead.py
+	$(PY) benchmarks/penalty_floor.py
 	$(PY) benchmarks/pruning_digits.py
 	$(PY) benchmarks/zoo_capture.py
 

@@ -8,11 +8,12 @@ spent inside the monitors' hooks (the profiler's record, rank 0)
 over the fit time of the same run, which does not depend on two noisy runs, and the mean cost of each
 action: a drift at a checkpoint save, a bound at an epoch end, one path-norm evaluation, the set-up.
 Tasks: the digits demo (5 epochs of 23 steps) and a torchvision resnet18 at 3x32x32 on random data
-(4 epochs of 16 steps): epochs far shorter than real ones, so the per-epoch actions weigh heavily.
+(4 epochs of 16 steps): epochs far shorter than real ones, so the per-epoch actions weigh heavily; and
+resnet18 at CIFAR-10's batch size and epoch length (one epoch of 391 steps at batch 128, one process).
 Peak memory: VmHWM (reset through /proc/self/clear_refs) above the resident set before one cached
 path-norm evaluation on each ZeRO-3 rank, over the size of the largest module's parameters.
 
-    python benchmarks/monitor_overhead.py [--repeats 3]
+    python benchmarks/monitor_overhead.py [--repeats 3] [--tasks digits resnet18 resnet18-cifar]
 """
 from __future__ import annotations
 
@@ -64,18 +65,18 @@ class PeakMemory(Callback):
 
 
 def child(task: str, mode: str, monitors: bool, out: Path, memory: bool) -> None:
-    make_model, make_data, batch, epochs = TASKS[task]
+    spec = TASKS[task]
     pl.seed_everything(0)
     callbacks = [PathNormMonitor(), PathMetricDrift(), GeneralizationBoundMonitor()] if monitors else []
     if memory:
         callbacks.append(PeakMemory(out))
-    strategy, devices, batch = zero3_strategy(batch) if mode == "zero3" else ("auto", 1, batch)
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs,
+    strategy, devices, batch = zero3_strategy(spec.batch) if mode == "zero3" else ("auto", 1, spec.batch)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=spec.epochs,
                          callbacks=callbacks, default_root_dir=str(out), logger=pl.loggers.TensorBoardLogger(str(out)),
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          max_steps=1 if memory else -1, profiler=SimpleProfiler())  # on both sides: same cost
     start = time.perf_counter()
-    trainer.fit(make_model(), make_data(batch))
+    trainer.fit(spec.model(), spec.data(batch))
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         (out / "seconds.json").write_text(json.dumps({"fit": seconds,
@@ -109,6 +110,7 @@ def run(task: str, mode: str, monitors: bool, memory: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,8 +122,9 @@ def main() -> None:
     print("| task | strategy | fit without monitors | fit with the three monitors | ratio | time in the monitors' "
           "hooks / fit | drift per save | bound per epoch | one path-norm | set-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for task in TASKS:
-        for mode in ("single", "zero3"):
+    for task in args.tasks:
+        spec = TASKS[task]
+        for mode in spec.modes:
             run(task, mode, False)  # warm-up: caches, DeepSpeed's compiled op
             records: dict[bool, list[dict]] = {False: [], True: []}
             for _ in range(args.repeats):
@@ -131,10 +134,15 @@ def main() -> None:
             hooks = {key: statistics.median(r["hooks"][key] for r in records[True])
                      for key in records[True][0]["hooks"]}
             share = statistics.median(r["hooks"]["total"] / r["fit"] for r in records[True])
-            print(f"| {task} | {'1 process' if mode == 'single' else 'ZeRO-3, 2 processes'} | {without:.1f} s "
+            print(f"| {spec.label} | {'1 process' if mode == 'single' else 'ZeRO-3, 2 processes'} | {without:.1f} s "
                   f"| {with_:.1f} s | {with_ / without:.3f}x | {share:.3f} | {hooks['drift_per_save'] * 1e3:.0f} ms "
                   f"| {hooks['bound_per_epoch'] * 1e3:.0f} ms | {hooks['norm_per_evaluation'] * 1e3:.0f} ms "
                   f"| {hooks['setup'] * 1e3:.0f} ms |", flush=True)
+    if "resnet18" in args.tasks:
+        peak_memory()
+
+
+def peak_memory() -> None:
     memory = run("resnet18", "zero3", False, memory=True)
     print("\nOne path-norm evaluation of resnet18 (3x32x32) under ZeRO-3, per rank:\n")
     print("| rank | peak extra memory | largest module's parameters | ratio | whole model's parameters |")

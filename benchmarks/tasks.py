@@ -1,11 +1,15 @@
 """The training tasks the overhead benchmarks time: the digits demo and a torchvision resnet18 at 3x32x32
-on random data, each with its batch size and number of epochs."""
+on random data, each with its batch size, number of epochs and the strategies it runs under; beside the
+short runs, resnet18 at CIFAR-10's batch size and epoch length (one process)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from pathmonitor.callbacks.digits import DigitsData, DigitsNet
 
@@ -37,12 +41,27 @@ class Resnet18(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+class Cycled(Dataset):
+    """`length` samples that repeat `base` over and over: an epoch of any length without its memory."""
+
+    def __init__(self, base: Dataset, length: int):
+        self.base, self.length = base, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.base[index % len(self.base)]
+
+
 class RandomImages(pl.LightningDataModule):
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, train_images: int = 512):
         super().__init__()
         generator = torch.Generator().manual_seed(0)
         x, y = torch.randn(576, 3, 32, 32, generator=generator), torch.randint(0, 10, (576,), generator=generator)
-        self.train_set, self.val_set = TensorDataset(x[:512], y[:512]), TensorDataset(x[512:], y[512:])
+        train = TensorDataset(x[:512], y[:512])
+        self.train_set = train if train_images == 512 else Cycled(train, train_images)
+        self.val_set = TensorDataset(x[512:], y[512:])
         self.batch_size = batch_size
 
     def train_dataloader(self):
@@ -52,8 +71,21 @@ class RandomImages(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size)
 
 
-TASKS = {"digits": (lambda: DigitsNet(), lambda b: DigitsData(batch_size=b), 64, 5),
-         "resnet18": (Resnet18, RandomImages, 32, 4)}
+@dataclass(frozen=True)
+class Task:
+    label: str
+    model: Callable[[], pl.LightningModule]
+    data: Callable[[int], pl.LightningDataModule]
+    batch: int
+    epochs: int
+    modes: tuple[str, ...] = ("single", "zero3")
+
+
+TASKS = {"digits": Task("digits", DigitsNet, lambda b: DigitsData(batch_size=b), 64, 5),
+         "resnet18": Task("resnet18 (3x32x32, batch 32)", Resnet18, RandomImages, 32, 4),
+         # CIFAR-10's training set and usual batch: 391 steps an epoch
+         "resnet18-cifar": Task("resnet18 (3x32x32, batch 128, epochs of 50,000 images)", Resnet18,
+                                lambda b: RandomImages(b, train_images=50_000), 128, 1, ("single",))}
 
 
 def zero3_strategy(batch: int):
