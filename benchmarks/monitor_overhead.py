@@ -34,7 +34,7 @@ from pytorch_lightning.callbacks import Callback  # noqa: E402
 from pytorch_lightning.profilers import SimpleProfiler  # noqa: E402
 
 from common import child_results, rss  # noqa: E402
-from tasks import TASKS, zero3_strategy  # noqa: E402
+from tasks import MODES, TASKS, strategy_for  # noqa: E402
 from pathmonitor.callbacks import GeneralizationBoundMonitor, PathMetricDrift, PathNormMonitor  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def child(task: str, mode: str, monitors: bool, out: Path, memory: bool) -> None
     callbacks = [PathNormMonitor(), PathMetricDrift(), GeneralizationBoundMonitor()] if monitors else []
     if memory:
         callbacks.append(PeakMemory(out))
-    strategy, devices, batch = zero3_strategy(spec.batch) if mode == "zero3" else ("auto", 1, spec.batch)
+    strategy, devices, batch = strategy_for(mode, spec.batch)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=spec.epochs,
                          callbacks=callbacks, default_root_dir=str(out), logger=pl.loggers.TensorBoardLogger(str(out)),
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -134,7 +134,7 @@ def main() -> None:
             hooks = {key: statistics.median(r["hooks"][key] for r in records[True])
                      for key in records[True][0]["hooks"]}
             share = statistics.median(r["hooks"]["total"] / r["fit"] for r in records[True])
-            print(f"| {spec.label} | {'1 process' if mode == 'single' else 'ZeRO-3, 2 processes'} | {without:.1f} s "
+            print(f"| {spec.label} | {MODES[mode]} | {without:.1f} s "
                   f"| {with_:.1f} s | {with_ / without:.3f}x | {share:.3f} | {hooks['drift_per_save'] * 1e3:.0f} ms "
                   f"| {hooks['bound_per_epoch'] * 1e3:.0f} ms | {hooks['norm_per_evaluation'] * 1e3:.0f} ms "
                   f"| {hooks['setup'] * 1e3:.0f} ms |", flush=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 from common import side_by_side
+from pathmonitor.gradients import gradient_adder
 from pathmonitor.graph import capture
 from pathmonitor.penalty import penalty_gradients
 from pathmonitor.sources import ModuleSource
@@ -35,11 +36,8 @@ def main() -> None:
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    def add(name: str, p: torch.nn.Parameter, grad: torch.Tensor) -> None:
-        p.grad.add_(grad)
-
     def penalty() -> None:
-        penalty_gradients(graph, model, source, 1.0, True, add, torch.float32)
+        penalty_gradients(graph, model, source, 1.0, True, gradient_adder(model, 1.0), torch.float32)
 
     def floor() -> None:
         with torch.no_grad():

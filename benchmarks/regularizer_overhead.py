@@ -27,7 +27,7 @@ from pytorch_lightning.callbacks import Callback  # noqa: E402
 
 from common import child_results  # noqa: E402
 from pathmonitor.callbacks import PathNormRegularizer  # noqa: E402
-from tasks import TASKS, zero3_strategy  # noqa: E402
+from tasks import MODES, TASKS, strategy_for  # noqa: E402
 
 BLOCK = 10  # steps per block: a multiple of 10, so that every block at every_n_steps=10 holds one penalty
 SETTINGS = {"without": None, "every step": 1, "every 10 steps": 10}
@@ -58,7 +58,7 @@ def child(task: str, mode: str, cycles: int, out: Path) -> None:
     pl.seed_everything(0)
     regularizer = PathNormRegularizer(1e-3)
     blocks = Blocks(regularizer)
-    strategy, devices, batch = zero3_strategy(spec.batch) if mode == "zero3" else ("auto", 1, spec.batch)
+    strategy, devices, batch = strategy_for(mode, spec.batch)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=-1,
                          max_steps=BLOCK * len(SETTINGS) * (cycles + 1), callbacks=[blocks, regularizer],
                          default_root_dir=str(out), logger=False, enable_checkpointing=False, limit_val_batches=0,
@@ -87,7 +87,7 @@ def main() -> None:
             steps = child_results(__file__, [task, mode, str(args.cycles)])["steps"]
             mean = {name: statistics.mean(values) for name, values in steps.items()}
             base = mean["without"]
-            print(f"| {spec.label} | {'1 process' if mode == 'single' else 'ZeRO-3, 2 processes'} | {base * 1e3:.1f} ms "
+            print(f"| {spec.label} | {MODES[mode]} | {base * 1e3:.1f} ms "
                   f"| {mean['every step'] * 1e3:.1f} ms | {mean['every step'] / base:.2f}x "
                   f"| {mean['every 10 steps'] * 1e3:.1f} ms | {mean['every 10 steps'] / base:.3f}x |", flush=True)
 

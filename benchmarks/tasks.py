@@ -88,8 +88,14 @@ TASKS = {"digits": Task("digits", DigitsNet, lambda b: DigitsData(batch_size=b),
                                 lambda b: RandomImages(b, train_images=50_000), 128, 1, ("single",))}
 
 
-def zero3_strategy(batch: int):
-    """(strategy, devices, per-rank batch) for ZeRO-3 on 2 CPU processes, every parameter sharded."""
+MODES = {"single": "1 process", "zero3": "ZeRO-3, 2 processes"}  # how each is named in the tables
+
+
+def strategy_for(mode: str, batch: int):
+    """(strategy, devices, per-rank batch) of a mode: one process, or ZeRO-3 on 2 CPU processes with every
+    parameter sharded, the global batch split between them."""
+    if mode == "single":
+        return "auto", 1, batch
     from pathmonitor.strategies import CPUDeepSpeedStrategy
 
     config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

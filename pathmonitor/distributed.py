@@ -119,8 +119,7 @@ def held_in_full(params: list[nn.Parameter]) -> Iterator[None]:
     `deepspeed.zero.GatheredParameters`. Parameters held in full already (by a pass, by an enclosing
     scope, or by DeepSpeed itself: persistent and prefetched ones) are left as they are, to their holder.
     Every rank sees the same statuses, so every rank makes the same collectives."""
-    held = set().union(*(plan.held_ids for plan in _PLANS))
-    params = [p for p in dict.fromkeys(params) if id(p) not in held]  # a tensor registered twice: once
+    params = list(dict.fromkeys(params))  # a tensor registered twice: once
     if params:
         status = _zero3_status()
         in_flight = [p for p in params if p.ds_status == status.INFLIGHT]
@@ -192,7 +191,6 @@ class _GatherPlan:
             self.groups[-1] += partitioned[id(m)]
             filled += sizes[id(m)]
         self.held_index: Optional[int] = None
-        self.held_ids: set[int] = set()
         self._context: Optional[contextlib.AbstractContextManager] = None
         self.at_end: list[Callable[[], None]] = []
 
@@ -207,12 +205,11 @@ class _GatherPlan:
             context = held_in_full(self.groups[index])
             context.__enter__()
             self._context, self.held_index = context, index
-            self.held_ids = {id(p) for p in self.groups[index]}
         return True
 
     def release(self) -> None:
         if self._context is not None:
-            context, self._context, self.held_index, self.held_ids = self._context, None, None, set()
+            context, self._context, self.held_index = self._context, None, None
             context.__exit__(None, None, None)
 
 

@@ -116,7 +116,7 @@ def weights_version(model: nn.Module) -> tuple[int, ...]:
         shard = getattr(p, "ds_tensor", None)
         if shard is None and is_dtensor(p):
             shard = p._local_tensor
-        versions += [id(p), p._version, -1 if shard is None else id(shard), -1 if shard is None else shard._version]
+        versions += [id(p), p._version] + ([-1, -1] if shard is None else [id(shard), shard._version])
     return tuple(versions)
 
 
