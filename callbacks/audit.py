@@ -103,7 +103,7 @@ def drift(args: argparse.Namespace, progress: Progress) -> dict:
     new, shape = _load(args.new, args, progress)
     with progress.step(f"reading {args.old.name}", args.old):
         old = load_model(args.old, args.model, like=new)  # a bare state_dict is read into NEW's architecture
-    with progress.step("path-metric", args.new):
+    with progress.step("path-metric", args.old):  # what can fail now is OLD's fit to NEW's architecture
         metric = pm.path_metric(new.model, old.model, shape)
     result = {"command": "drift", "old": str(old.path), "new": str(new.path), "input_shape": list(shape),
               "value": _finite_or_none(metric.value), "log10_value": _log10(metric.log_value),
@@ -173,6 +173,8 @@ def report(args: argparse.Namespace, progress: Progress) -> dict:
     """A figure of a run's logged path-norm, drift, bound and gap, and sparsity."""
     from .report import write_report
 
+    if args.output.is_dir():
+        raise AuditError(args.output, "is a directory: give the path of the PNG to write")
     with progress.step("drawing", args.logdir):
         series = write_report(args.logdir, args.output)
     return {"command": "report", "logdir": str(args.logdir), "output": str(args.output),

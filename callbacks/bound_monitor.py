@@ -25,8 +25,10 @@ class GeneralizationBoundMonitor(PathCallback):
     validation minus training for `gap_kind="loss"`, training minus validation for "accuracy". When
     those are not logged, the callback measures the accuracy gap itself (argmax of the outputs against
     the targets, with torchmetrics) on at most `gap_batches` batches of each dataloader.
-    `n_samples` and `input_bound` (B = max ||x||_inf) default from one pass over the training set at
-    the start of every fit. A TensorBoard custom-scalars chart draws bound and gap together.
+    `n_samples` and `input_bound` (B = max ||x||_inf) default from one pass over one epoch of the training
+    dataloader (as `limit_train_batches` limits it) at the start of every fit. A TensorBoard custom-scalars
+    chart draws bound and gap together. A `ModelCheckpoint` or `EarlyStopping` that monitors `bound/*`
+    needs `save_on_train_epoch_end` / `check_on_train_epoch_end`: the bound comes after validation.
     The float64 values last logged are in `.last`."""
 
     def __init__(self, n_samples: Optional[int] = None, input_bound: Optional[float] = None,
@@ -122,7 +124,12 @@ class GeneralizationBoundMonitor(PathCallback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": dict(self.last), "last_epoch": self.last_epoch, "n_samples": self.n_samples,
-                "input_bound": self.input_bound}
+                "input_bound": self.input_bound, "validated_epoch": self._validated_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        restore(self, state_dict, ("last", "last_epoch", "n_samples", "input_bound"))
+        restore(self, state_dict, ("last", "last_epoch"))
+        # what the run measured; values given to the constructor stay
+        given_n, given_bound = self.given
+        self.n_samples = given_n if given_n is not None else state_dict.get("n_samples", self.n_samples)
+        self.input_bound = given_bound if given_bound is not None else state_dict.get("input_bound", self.input_bound)
+        self._validated_epoch = state_dict.get("validated_epoch", self._validated_epoch)

@@ -7,6 +7,8 @@ after, so the run then trains on the batches it would have seen without the moni
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import random
 import sys
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -56,11 +58,27 @@ def _single_loader(loaders: Any) -> Optional[Iterable]:
     return loaders
 
 
+# where a loader keeps what it draws from: its samplers, and the samplers and datasets they wrap (Lightning
+# wraps a custom sampler in a DistributedSamplerWrapper, which holds it in a dataset of its own)
+_HOLDERS = ("sampler", "batch_sampler", "dataset", "_sampler")
+
+
 def _generators(loader: Any) -> list[torch.Generator]:
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    holders = (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None))
-    found = dict.fromkeys(getattr(holder, "generator", None) for holder in holders)
-    return [g for g in found if isinstance(g, torch.Generator)]
+    found: dict[int, torch.Generator] = {}
+    seen: set[int] = set()
+
+    def visit(holder: Any, depth: int) -> None:
+        if holder is None or id(holder) in seen or depth > 4:
+            return
+        seen.add(id(holder))
+        generator = getattr(holder, "generator", None)
+        if isinstance(generator, torch.Generator):
+            found[id(generator)] = generator
+        for name in _HOLDERS:
+            visit(getattr(holder, name, None), depth + 1)
+
+    visit(loader, 0)
+    return list(found.values())
 
 
 @contextlib.contextmanager
@@ -80,6 +98,21 @@ def preserved_random_state(loaders: Iterable[Any]) -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
+@contextlib.contextmanager
+def batches_of(loader: Any, count: int) -> Iterator[Iterator[Any]]:
+    """The loader's first `count` batches, leaving alone the worker processes a run keeps
+    (`persistent_workers`): a pass through them would move their random states on and reseed their next
+    epoch. The pass gets workers of its own, stopped after it."""
+    if not (getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0):
+        yield itertools.islice(loader, count)
+        return
+    own = loader._get_iterator()
+    try:
+        yield itertools.islice(own, count)
+    finally:
+        own._shutdown_workers()
+
+
 def _reduced(value: float, op: "dist.ReduceOp", device: torch.device) -> float:
     if world()[1] == 1:
         return value
@@ -89,22 +122,28 @@ def _reduced(value: float, op: "dist.ReduceOp", device: torch.device) -> float:
 
 
 def training_set_statistics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[int, float]:
-    """(n, B): the number of training samples one epoch goes through (over all ranks) and the largest
-    ||x||_inf over one pass of the training dataloader."""
+    """(n, B): the number of training samples one epoch goes through (over all ranks, `limit_train_batches`
+    heeded) and the largest ||x||_inf over them, from one pass of the training dataloader."""
     loader = _single_loader(trainer.train_dataloader)
     if loader is None:
         raise MonitorError("GeneralizationBoundMonitor found no training dataloader: pass n_samples= and "
                            "input_bound=")
+    batches = trainer.num_training_batches  # this rank's, after limit_train_batches
+    if not math.isfinite(batches):
+        raise MonitorError("GeneralizationBoundMonitor cannot count the training set: its dataloader has no length "
+                           "(an IterableDataset), so one epoch has no end to read n and max |x| from; pass "
+                           "n_samples= and input_bound=")
     seen, largest = 0, 0.0
-    bar = tqdm(loader, desc="pathmonitor: n and max |x| of the training set", file=sys.stderr,
-               leave=False, disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
-    with preserved_random_state([loader]):
+    with preserved_random_state([loader]), batches_of(loader, int(batches)) as epoch:
+        bar = tqdm(epoch, total=int(batches), desc="pathmonitor: n and max |x| of the training set", file=sys.stderr,
+                   leave=False, disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
         for batch in bar:
             x, _ = inputs_and_targets(batch)
             seen += x.shape[0]
             largest = max(largest, float(x.detach().abs().max())) if x.numel() else largest
     device = trainer.strategy.root_device
-    n_samples = int(_reduced(float(seen), dist.ReduceOp.SUM, device)) - _padding(loader)
+    padding = _padding(loader) if batches >= len(loader) else 0  # a DistributedSampler pads the epoch's end
+    n_samples = int(_reduced(float(seen), dist.ReduceOp.SUM, device)) - padding
     return n_samples, _reduced(largest, dist.ReduceOp.MAX, device)
 
 
@@ -121,19 +160,18 @@ def _accuracy(trainer: "pl.Trainer", pl_module: "pl.LightningModule", loader: It
     """The fraction of correct argmax predictions (micro-averaged) on the first `max_batches` batches."""
     metric = None
     precision = trainer.precision_plugin
-    for index, batch in enumerate(loader):
-        if index >= max_batches:
-            break
-        x, y = inputs_and_targets(batch)
-        if y is None:
-            return None
-        with precision.forward_context():
-            out = pl_module(precision.convert_input(x.to(pl_module.device)))
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            return None
-        if metric is None:
-            metric = MulticlassAccuracy(num_classes=out.shape[1], average="micro").to(out.device)
-        metric.update(out.float(), y.to(out.device))
+    with batches_of(loader, max_batches) as batches:
+        for batch in batches:
+            x, y = inputs_and_targets(batch)
+            if y is None:
+                return None
+            with precision.forward_context():
+                out = pl_module(precision.convert_input(x.to(pl_module.device)))
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                return None
+            if metric is None:
+                metric = MulticlassAccuracy(num_classes=out.shape[1], average="micro").to(out.device)
+            metric.update(out.float(), y.to(out.device))
     return None if metric is None else float(metric.compute())  # compute() syncs across ranks
 
 

@@ -9,9 +9,11 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from pathmonitor.bounds import check_number
 from pathmonitor.distributed import ShardedSnapshot
+from pathmonitor.errors import PathComputationError
 from pathmonitor.metrics import certified_change, check_input_inf_norm
+from pathmonitor.tracking import weights_version
 
-from .base import MonitorError, PathCallback, is_due, log_values, moment, restore
+from .base import MonitorError, PathCallback, is_due, log_values, restore
 
 Reference = Literal["last_checkpoint", "init", "epoch_start"]
 
@@ -27,8 +29,9 @@ class PathMetricDrift(PathCallback):
     reference: "last_checkpoint" (the weights of the previous save, the weights at the start of
     training before the first one; each save then moves it), "init" (weights and batch-norm statistics
     before the first training step), "epoch_start" (at the start of the current epoch). The reference
-    is kept as the parameters are: under ZeRO-3 / FSDP2 each rank holds only its shard. The float64
-    values last logged are in `.last`."""
+    is kept as the parameters are: under ZeRO-3 / FSDP2 each rank holds only its shard. A save that finds
+    the weights of the last save at its step logs nothing new; one whose drift cannot be computed (NaN or
+    infinite weights) warns, and the checkpoint is written. The float64 values last logged are in `.last`."""
 
     def __init__(self, reference: Reference = "last_checkpoint", every_n_steps: Optional[int] = None,
                  input_bound: Optional[float] = None, module: Optional[str] = None,
@@ -50,7 +53,9 @@ class PathMetricDrift(PathCallback):
         self.last_step = -1
         self.reference_epoch = -1
         self._reference: Optional[ShardedSnapshot] = None
-        self._saved_at: Hashable = None
+        self._saved_at: Hashable = None  # (step, weights' version) of the last save handled
+        self.saved_step = -1  # the step of the last save handled, kept in the checkpoint
+        self._logged_at: Hashable = None
 
     @property
     def state_key(self) -> str:
@@ -77,8 +82,8 @@ class PathMetricDrift(PathCallback):
                                "'epoch_start'")
 
     def start_fit(self) -> None:
-        self.last, self.last_step, self.reference_epoch = {}, -1, -1
-        self._reference, self._saved_at = None, None
+        self.last, self.last_step, self.reference_epoch, self.saved_step = {}, -1, -1, -1
+        self._reference, self._saved_at, self._logged_at = None, None, None
 
     # -- when ----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -88,6 +93,10 @@ class PathMetricDrift(PathCallback):
                 rank_zero_warn(f"PathMetricDrift(reference={self.reference!r}): the checkpoint resumed from holds no "
                                f"reference copy for {self.state_key}; drift is measured from the resumed weights")
             self._take_reference(trainer)
+        if trainer.ckpt_path and self.saved_step == trainer.global_step:
+            # resumed from that save: Lightning may save again at its step (replaying the epoch's end), on
+            # the very weights it holds, which are no new checkpoint
+            self._saved_at = self._save_moment(trainer)
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # a run resumed mid-epoch keeps the reference of that epoch's start, restored with the state
@@ -100,14 +109,21 @@ class PathMetricDrift(PathCallback):
 
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: dict[str, Any]) -> None:
-        if self._tracked is None or self._reference is None or moment(trainer) == self._saved_at:
-            return  # not training, or this state was already saved (e.g. a second file at the same step)
-        self._saved_at = moment(trainer)
-        self._log(trainer)
+        if self._tracked is None or self._reference is None or self._save_moment(trainer) == self._saved_at:
+            return  # not training, or these weights were already saved at this step (e.g. a second file)
+        self._saved_at, self.saved_step = self._save_moment(trainer), trainer.global_step
+        try:
+            self._log(trainer)
+        except PathComputationError as error:  # the weights decide it, so every rank takes this branch
+            rank_zero_warn(f"PathMetricDrift: no drift logged at step {trainer.global_step}, the checkpoint is saved "
+                           f"all the same: {error}")
         if self.reference == "last_checkpoint":
             self._take_reference(trainer)
         # Lightning collected the callbacks' states before this hook: store the one that includes this save
         checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+
+    def _save_moment(self, trainer: "pl.Trainer") -> Hashable:
+        return trainer.global_step, weights_version(self.tracked.model)
 
     # -- what ----------------------------------------------------------------------------------------
     def _take_reference(self, trainer: "pl.Trainer") -> None:
@@ -115,6 +131,9 @@ class PathMetricDrift(PathCallback):
         self.reference_epoch = trainer.current_epoch
 
     def _log(self, trainer: "pl.Trainer") -> None:
+        if trainer.global_step == self.last_step and self._save_moment(trainer) == self._logged_at:
+            return  # the same weights at the same step: logged already (every n steps, then a save)
+        self._logged_at = self._save_moment(trainer)
         tracked = self.now(trainer)
         metric = tracked.path_metric(self._reference)
         values = {f"{self.prefix}/drift": metric.value, f"{self.prefix}/drift_relative": metric.relative,
@@ -127,13 +146,14 @@ class PathMetricDrift(PathCallback):
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {"last": dict(self.last), "last_step": self.last_step, "reference_epoch": self.reference_epoch}
+        state = {"last": dict(self.last), "last_step": self.last_step, "reference_epoch": self.reference_epoch,
+                 "saved_step": self.saved_step}
         # "last_checkpoint" needs no copy: a run resumed from a checkpoint starts from its very weights
         if self.reference != "last_checkpoint" and self._reference is not None:
             state["reference_copy"] = self._reference.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        restore(self, state_dict, ("last", "last_step", "reference_epoch"))
+        restore(self, state_dict, ("last", "last_step", "reference_epoch", "saved_step"))
         if "reference_copy" in state_dict:
             self._reference = ShardedSnapshot.from_state_dict(state_dict["reference_copy"])

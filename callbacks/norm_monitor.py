@@ -46,7 +46,8 @@ class PathNormMonitor(PathCallback):
             self._log(trainer)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.log_on == "epoch":
+        # a run resumed from a checkpoint saved at an epoch's end may see that end again
+        if self.log_on == "epoch" and trainer.global_step != self.last_step:
             self._log(trainer)
 
     def _log(self, trainer: "pl.Trainer") -> None:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -39,11 +39,12 @@ class PathBudgetPruning(PathCallback):
     (linearly or cubically) from 0 at `start` to `target_sparsity` at `end`. `scope="layer"` gives each
     layer an equal share of the budget (and of the round's cap, by size). `rewind_to=r` resets the
     surviving weights to their values after r optimizer steps (r epochs with `every_n_epochs`; 0: the
-    initial weights) at every round (lottery-ticket rewinding),
-    with the optimizer state of the selected weights; the logged change is then the pruning's, before the
-    rewind. Masks are enforced on the weights after every optimizer step, on the gradients before it and
-    on the optimizer state at every round, so that the checkpoint holds zeros under the model's own keys;
+    initial weights) at every round (lottery-ticket rewinding), with the optimizer state of the selected
+    weights (Adam's step count included); the logged change is then the pruning's, before the rewind.
+    Masks are enforced on the weights after every optimizer step, on the gradients before it and on the
+    optimizer state at every round, so that the checkpoint holds zeros under the model's own keys;
     `make_permanent=False` leaves `torch.nn.utils.prune` masks on the modules at the end of training.
+    Another fit of the same model goes on from the masks of the last.
 
     Logs per round `prune/sparsity`, `prune/removed`, `prune/change_relative`, `prune/budget_spent` and,
     when an input bound is known, `prune/certified_change`; a per-layer sparsity histogram on TensorBoard."""
@@ -101,6 +102,7 @@ class PathBudgetPruning(PathCallback):
         self.last: dict[str, float] = {}
         self.last_step = -1
         self.rounds = 0
+        self.enforcing = False  # whether any entry is pruned: the masks then hold at every step
         self.keeper: Optional[MaskKeeper] = None
 
     @property
@@ -109,6 +111,7 @@ class PathBudgetPruning(PathCallback):
 
     # -- set-up ----------------------------------------------------------------------------------------
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        earlier = self._tracked
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
@@ -121,8 +124,13 @@ class PathBudgetPruning(PathCallback):
         if not names:
             raise MonitorError(f"PathBudgetPruning: {type(watched).__name__} has no Linear / Conv / ConvTranspose "
                                f"weight on its input-output paths to prune")
-        self.masks = {name: torch.ones(full_shape(watched.get_submodule(name).weight), dtype=torch.bool)
-                      for name in names}
+        _check_plain_weights(watched, names)
+        fresh = {name: torch.ones(full_shape(watched.get_submodule(name).weight), dtype=torch.bool) for name in names}
+        # another fit of the same model goes on from the masks of the last: what was pruned stays pruned
+        if not (earlier is not None and earlier.is_of(watched) and self.masks.keys() == fresh.keys()
+                and all(self.masks[name].shape == mask.shape for name, mask in fresh.items())):
+            self.masks = fresh
+        self._masks_changed()
 
     def _selected_weight_names(self, watched: nn.Module) -> Optional[list[str]]:
         if self.parameters_to_prune is None:
@@ -150,6 +158,7 @@ class PathBudgetPruning(PathCallback):
                                    "make_permanent=True (the checkpoint holds the zeros, the masks are in the "
                                    "callback's state)")
         self._check_schedule_fires(trainer)
+        self._check_rewind_point()
         try:
             self.keeper = mask_keeper(trainer.model, trainer.optimizers)
         except ValueError as error:
@@ -159,29 +168,43 @@ class PathBudgetPruning(PathCallback):
         if self.rewind_to == 0 and self.rewind is None:
             self.rewind = self._weights()
 
+    def _first_round(self) -> tuple[int, str]:
+        """The step (or epoch) of the first round of an every-n schedule, and its unit."""
+        every, unit = ((self.every_n_steps, "step") if self.every_n_steps is not None
+                       else (self.every_n_epochs, "epoch"))
+        return every * max(1, math.ceil(self.start / every)), unit
+
     def _check_schedule_fires(self, trainer: "pl.Trainer") -> None:
         if self.schedule is not None:
             return
-        every, unit = ((self.every_n_steps, "step") if self.every_n_steps is not None
-                       else (self.every_n_epochs, "epoch"))
+        first, unit = self._first_round()
+        every = self.every_n_steps if unit == "step" else self.every_n_epochs
         limits = [x for x in (self.end, *_trainer_limits(trainer, unit))
                   if x is not None and x >= 0 and math.isfinite(x)]  # the trainer's -1 (or inf) means no limit
         last = min(limits) if limits else None
-        first = every * max(1, math.ceil(self.start / every))
         if last is not None and first > last:
             raise MonitorError(f"PathBudgetPruning would never prune: the first {unit} that is a multiple of {every} "
                                f"and at least start={self.start} is {first}, past the last {unit} {last} (end or the "
                                f"trainer's max_steps / max_epochs)")
 
+    def _check_rewind_point(self) -> None:
+        """A round before `rewind_to` would have no weights to rewind to (a resumed run has them already)."""
+        if self.rewind_to is None or self.rewind is not None or self.schedule is not None:
+            return
+        first, unit = self._first_round()
+        if self.rewind_to > first:
+            raise MonitorError(f"PathBudgetPruning(rewind_to={self.rewind_to}): the first round, at {unit} {first}, "
+                               f"comes before the weights to rewind to are taken; give rewind_to <= {first}")
+
     # -- when ----------------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: Optimizer) -> None:
-        if self.rounds and not between_deepspeed_micro_batches(trainer):
+        if self.enforcing and not between_deepspeed_micro_batches(trainer):
             self.keeper.gradients(self._weight_parameters(), self.masks)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
         step = trainer.global_step
-        if self.rounds:
+        if self.enforcing:
             self._apply_to_weights()
         if self.every_n_epochs is None:
             self._keep_rewind_point(step)
@@ -194,7 +217,8 @@ class PathBudgetPruning(PathCallback):
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         epoch = trainer.current_epoch + 1
-        if self.every_n_epochs is None:
+        # a run resumed from a checkpoint saved at an epoch's end may see that end again
+        if self.every_n_epochs is None or trainer.global_step == self.last_step:
             return
         self._keep_rewind_point(epoch)
         if epoch % self.every_n_epochs == 0 and self._in_window(epoch):
@@ -206,7 +230,7 @@ class PathBudgetPruning(PathCallback):
             self.rewind = self._weights()
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self.make_permanent and self.rounds:
+        if not self.make_permanent and self.enforcing:
             watched = self.tracked.model
             for name, mask in self.masks.items():
                 torch.nn.utils.prune.custom_from_mask(watched.get_submodule(name), "weight", mask)
@@ -226,7 +250,11 @@ class PathBudgetPruning(PathCallback):
         with tracked.source.buffers_held():  # every pass of the round reads the same running statistics
             result = prune_round(tracked.graph, tracked.model, tracked.source, self.masks, self.budget, cap,
                                  self.scope)
+        if self.rewind_to is not None and self.rewind is None:  # a schedule ran a round before the point
+            rank_zero_warn(f"PathBudgetPruning: round {self.rounds + 1} comes before rewind_to={self.rewind_to}; "
+                           f"its survivors are not rewound")
         self.masks, self.rounds, self.last_step = result.masks, self.rounds + 1, trainer.global_step
+        self._masks_changed()
         self._apply_to_weights()
         self._apply_to_optimizers(reset=self.rewind is not None)
         if self.rewind is not None:
@@ -254,6 +282,9 @@ class PathBudgetPruning(PathCallback):
                 logger.experiment.add_histogram("prune/layer_sparsity", sparsities, trainer.global_step)
 
     # -- masks on the weights, gradients and optimizer state -----------------------------------------------
+    def _masks_changed(self) -> None:
+        self.enforcing = any(not bool(mask.all()) for mask in self.masks.values())
+
     def _weight_parameters(self) -> dict[str, nn.Parameter]:
         watched = self.tracked.model
         return {name: watched.get_submodule(name).weight for name in self.masks}
@@ -286,6 +317,21 @@ class PathBudgetPruning(PathCallback):
                 raise MonitorError(f"PathBudgetPruning: the checkpoint's masks are for {sorted(saved)}, this model "
                                    f"prunes {sorted(self.masks)}")
             self.masks = {name: mask.clone() for name, mask in saved.items()}
+            self._masks_changed()
+
+
+def _check_plain_weights(watched: nn.Module, names: list[str]) -> None:
+    """The masks are kept on each module's own `weight` parameter; a weight computed from others at every
+    forward (torch.nn.utils.prune's weight_orig * weight_mask, weight or spectral norm, parametrizations)
+    would be recomputed, pruned entries and all, from parameters the masks never reach."""
+    derived = [name for name in names if not isinstance(watched.get_submodule(name)._parameters.get("weight"),
+                                                         nn.Parameter)]
+    if derived:
+        raise MonitorError(f"PathBudgetPruning: the weights of {derived} are computed from other parameters at every "
+                           f"forward (torch.nn.utils.prune, weight_norm, spectral_norm or a parametrization), where "
+                           f"its masks cannot hold; make them plain parameters first (torch.nn.utils.prune.remove, "
+                           f"torch.nn.utils.parametrize.remove_parametrizations) or leave them out of "
+                           f"parameters_to_prune")
 
 
 def _trainer_limits(trainer: "pl.Trainer", unit: str) -> list[float]:

@@ -11,7 +11,6 @@ accumulation adds the penalty once, not once per micro-batch. The user's `traini
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -36,11 +35,12 @@ class PathNormRegularizer(PathCallback):
     applied on steps 0, n, 2n, ... with n times the weight: fewer evaluations, and for an optimizer whose
     step is linear in the gradient (SGD) the same average pull (an adaptive one, such as Adam, normalizes
     the larger, rarer gradient differently). Works on one process, under DDP, DeepSpeed ZeRO-1/2/3 and
-    FSDP2. With manual optimization the penalty joins every `optimizer.step()` the `training_step` makes
-    (at most one optimizer), whatever the user accumulated before it. The penalty and its gradient are
-    computed in the precision the gradients have (float64 for a float64 model, float32 otherwise), exact
-    to its round-off at any magnitude of the path-norm (MATH.md section 6); the values last logged are
-    in `.last`."""
+    FSDP2. A step whose every `training_step` returned None (a skipped batch) gets no penalty either. With
+    manual optimization the penalty joins every `optimizer.step()` the `training_step` makes on the
+    optimizer `self.optimizers()` hands out (at most one optimizer), whatever the user accumulated before
+    it. The penalty and its gradient are computed in the precision the gradients have (float64 for a
+    float64 model, float32 otherwise), exact to its round-off at any magnitude of the path-norm (MATH.md
+    section 6); the values last logged are in `.last`."""
 
     def __init__(self, weight: float, q: float = 1.0, log: bool = True, every_n_steps: int = 1,
                  warmup_steps: int = 0, schedule: Optional[Callable[[int], float]] = None,
@@ -82,16 +82,17 @@ class PathNormRegularizer(PathCallback):
         weight = self.weight
         if self.schedule is not None:
             weight = self.schedule(step)
-            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-                raise MonitorError(f"PathNormRegularizer: schedule({step}) returned {weight!r}; "
-                                   f"it must return a finite number >= 0")
+            try:
+                check_number(f"schedule({step})", weight, strict=False)
+            except ValueError as error:
+                raise MonitorError(f"PathNormRegularizer: {error}") from None
         if self.warmup_steps:
             weight *= min(1.0, step / self.warmup_steps)
         return float(weight)
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: Optimizer) -> None:
-        if between_deepspeed_micro_batches(trainer):
+        if between_deepspeed_micro_batches(trainer) or _backward_skipped(trainer, pl_module):
             return
         step = trainer.global_step
         if step % self.every_n_steps:
@@ -112,6 +113,15 @@ class PathNormRegularizer(PathCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last = dict(state_dict.get("last", self.last))
+
+
+def _backward_skipped(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> bool:
+    """Whether `training_step` returned None (a skipped batch) for every micro-batch of this step: Lightning
+    then runs the optimizer step on gradients no backward produced, so a penalty would step alone.
+    DeepSpeed keeps its gradients elsewhere, and refuses skipped batches itself."""
+    if not pl_module.automatic_optimization or has_class_named(trainer.model, "DeepSpeedEngine"):
+        return False
+    return all(p.grad is None for p in pl_module.parameters() if p.requires_grad)
 
 
 def _still_scaled_by(trainer: "pl.Trainer", optimizer: Optimizer) -> float:

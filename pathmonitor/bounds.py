@@ -21,7 +21,7 @@ from .layers import BATCH_NORMS
 from .logmath import exp_or_inf
 from .norms import log_path_norm, unwrapped, validated_input_shape
 from .pools import AdaptivePool, WindowPool
-from .sources import MetaSource, ParameterEdges, PowerMagnitudes
+from .sources import MetaSource, ParameterEdges, AbsoluteMagnitudes
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def architecture_constants(graph: PathGraph, model: nn.Module) -> dict[str, int]
     """D, K, P, M, d_in, d_out of MATH.md section 5, read off the graph and one meta pass.
 
     P counts the distinct k of k-max-pooling neurons; PyTorch's max-pools are all k = 1."""
-    recorder = _ShapeRecorder(graph, model, PowerMagnitudes(ParameterEdges(MetaSource())), 1.0, False,
+    recorder = _ShapeRecorder(graph, model, AbsoluteMagnitudes(ParameterEdges(MetaSource())), 1.0, False,
                               torch.device("meta"))
     recorder.run()
 

@@ -77,6 +77,7 @@ class Interpreter:
         self.device = device
         self.dtype = dtype
         self._peaks: list[Tensor] = []  # plain mode: the max of every activation that can shrink
+        self._weight_peaks: list[Tensor] = []  # plain mode: the max of every |w|^q with q != 1 (0 is exact)
         self._modules: dict[str, nn.Module] = {}  # looked up once per pass: a lookup walks the module tree
 
     def run(self) -> Scaled:
@@ -111,11 +112,15 @@ class Interpreter:
         """Whether every activation of a plain pass that can shrink stayed inside `precise_range`, even
         when the total looks fine: one that sank towards subnormals lost relative precision (or, at
         exactly 0, paths that the log-scaled pass keeps), and one far above it gives a gradient that sinks."""
-        if not self._peaks:
-            return True
         smallest, largest = precise_range(self.dtype)
-        peaks = torch.stack(self._peaks)
-        return not bool(((peaks <= smallest) | (peaks >= largest)).any())
+        outside = []
+        if self._peaks:
+            peaks = torch.stack(self._peaks)
+            outside.append((peaks <= smallest) | (peaks >= largest))
+        if self._weight_peaks:
+            peaks = torch.stack(self._weight_peaks)
+            outside.append(((peaks > 0) & (peaks <= smallest)) | (peaks >= largest))
+        return not any(bool(flags.any()) for flags in outside)
 
     def evaluate_op(self, op: PathOp, values: Sequence[Any]) -> Any:
         """The value of `op` from the values of the ops it reads, failures named after the op."""
@@ -186,19 +191,41 @@ class Interpreter:
         apply = op.fn or functools.partial(apply_affine, module)
         with self.magnitudes.affine(op.target, module) as (weight, bias):
             if not self.log_scaled:
-                return Scaled(apply(x, weight, bias))
+                return Scaled(apply(x, self._powered(weight), self._powered(bias)))
+            (weight, weight_log), (bias, bias_log) = self._normalized_power(weight), self._normalized_power(bias)
             z = apply(x, weight, None)
             z_log = _log_max(z)
-            terms = [z_log + log_scale]
+            terms = [z_log + weight_log + log_scale]
             if bias is not None:
-                terms.append(_log_max(bias))
+                bias_max = _log_max(bias)
+                terms.append(bias_max + bias_log)
             new_scale = max(terms)
             if new_scale == -math.inf:
                 return Scaled(z, _ZERO_SCALE)
-            out = _times_exp(z, z_log, log_scale - new_scale)
+            out = _times_exp(z, z_log, weight_log + log_scale - new_scale)
             if bias is not None:
-                out = out + bias_view(module, _times_exp(bias, terms[1], -new_scale), z.dim())
+                out = out + bias_view(module, _times_exp(bias, bias_max, bias_log - new_scale), z.dim())
             return Scaled(out, new_scale)
+
+    def _powered(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        """|w|^q of a plain pass; with q != 1 its largest entry is watched like an activation's: one that
+        leaves the precise range (|w|^q over- or underflowing) sends the pass to running log-scales."""
+        if t is None or self.q == 1:
+            return t
+        powered = t.pow(self.q)
+        if powered.numel():
+            self._weight_peaks.append(powered.detach().max())
+        return powered
+
+    def _normalized_power(self, t: Optional[Tensor]) -> tuple[Optional[Tensor], float]:
+        """(|w| / m)^q and q log m, m = max |w|, for a log-scaled pass: |w|^q never formed, so it can
+        neither overflow nor underflow as a whole (MATH.md section 2). With q = 1, |w| itself and 0."""
+        if t is None or self.q == 1:
+            return t, 0.0
+        log_max = _log_max(t)
+        if log_max == -math.inf:
+            return t, -math.inf
+        return (t / math.exp(log_max)).pow(self.q), self.q * log_max
 
     def _total(self, op: PathOp, values: Sequence[Any]) -> Scaled:
         leaves = [values[ref.index] for ref in op.refs() if isinstance(values[ref.index], Scaled)]
@@ -253,8 +280,7 @@ def log_of(total: Scaled, q: float) -> Tensor:
     log = torch.log(total.value) + total.log_scale
     if bool(torch.isnan(log)) or float(log.detach()) == math.inf:
         raise PathComputationError(
-            f"the |theta|^q network (q = {q:g}) produced {float(log.detach())}: a parameter is NaN or infinite, "
-            f"or |w|^q itself leaves the {str(total.value.dtype).removeprefix('torch.')} range (use a smaller q)")
+            f"the |theta|^q network (q = {q:g}) produced {float(log.detach())}: a parameter is NaN or infinite")
     return log
 
 

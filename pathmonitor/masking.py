@@ -33,7 +33,8 @@ class MaskKeeper(Protocol):
         """Zero the pruned entries of the gradients the next optimizer step reads."""
 
     def optimizer_state(self, weights: Weights, masks: Masks, reset: bool) -> None:
-        """Zero the optimizer state of the pruned entries (of every entry with `reset`)."""
+        """Zero the optimizer state of the pruned entries; with `reset`, of every entry, and restart a
+        per-parameter step count (Adam's; DeepSpeed counts steps per parameter group, which go on)."""
 
     def read(self, weights: Weights) -> dict[str, Tensor]:
         """Full copies of the weights, as the optimizer holds them (a collective under DeepSpeed)."""
@@ -83,9 +84,12 @@ class PlainMaskKeeper:
     def optimizer_state(self, weights: Weights, masks: Masks, reset: bool) -> None:
         for optimizer in self.optimizers:
             for name, p in weights.items():
-                for value in optimizer.state.get(p, {}).values():
+                state = optimizer.state.get(p, {})
+                for key, value in state.items():
                     if isinstance(value, Tensor) and value.shape == p.shape:
                         value.mul_(0 if reset else masks[name].to(value.device))
+                    elif reset and key == "step":  # a fresh start of Adam's bias correction, with its moments
+                        state[key] = value.zero_() if isinstance(value, Tensor) else type(value)(0)
 
     def read(self, weights: Weights) -> dict[str, Tensor]:
         return {name: p.detach().clone() for name, p in weights.items()}

@@ -21,7 +21,7 @@ from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
 from .norms import norm_and_log_of, unwrapped, validated_input_shape
 from .sources import (EdgeMagnitudes, Edges, EdgeSource, Envelopes, ModuleSource, ParameterEdges,
-                      ParameterSource, PowerMagnitudes, SignSplitEdges, StateDictSource, TransformedSource,
+                      ParameterSource, AbsoluteMagnitudes, SignSplitEdges, StateDictSource, TransformedSource,
                       common_dtype, magnitude, paired_edges)
 
 Kind = Literal["pruning", "same_sign", "general"]
@@ -134,14 +134,14 @@ def metric_and_norm(graph: PathGraph, model: nn.Module, first: ParameterSource, 
         if comparing.second_inside and comparing.first_inside:  # |b| <= |a| <= |b|, same signs: equal
             log_value, kind, exact = -math.inf, "pruning", True
         elif comparing.second_inside or comparing.first_inside:
-            (log_norm_b,) = _log_l1s(graph, model, [PowerMagnitudes(b)])
+            (log_norm_b,) = _log_l1s(graph, model, [AbsoluteMagnitudes(b)])
             log_value = log_difference(max(log_norm_a, log_norm_b), min(log_norm_a, log_norm_b))
             kind, exact = "pruning", True
         elif not comparing.conflicts:
             log_value, kind, exact = log_difference(*_log_l1s(graph, model, _envelopes(a, b))), "same_sign", False
         else:
             split = SignSplitEdges(a, b)
-            log_split, log_max, log_min = _log_l1s(graph, model, [PowerMagnitudes(split), *_envelopes(split, b)])
+            log_split, log_max, log_min = _log_l1s(graph, model, [AbsoluteMagnitudes(split), *_envelopes(split, b)])
             log_value = log_sum(log_difference(log_norm_a, log_split), log_difference(log_max, log_min))
             kind, exact = "general", False
     value = exp_or_inf(log_value)

@@ -13,7 +13,7 @@ from .engine import Scaled, evaluate, exact_values, is_precise, log_of
 from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import PathGraph, PerGraph, capture, check_graph
 from .layers import tensor_names
-from .sources import MetaSource, ModuleSource, ParameterEdges, ParameterSource, PowerMagnitudes
+from .sources import MetaSource, ModuleSource, ParameterEdges, ParameterSource, AbsoluteMagnitudes
 
 
 class PathNormOverflowWarning(RuntimeWarning):
@@ -54,7 +54,7 @@ def unwrapped(model: nn.Module) -> nn.Module:
 def sum_of_powers(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float) -> Scaled:
     """sum_p |Phi_p(theta)|^q, exactly, as Scaled(value, log_scale) (MATH.md §2): a plain float64 pass,
     repeated with running log-scales when anything in it over- or underflows."""
-    _, values = exact_values(graph, model, PowerMagnitudes(ParameterEdges(source), q), q, keep=False)
+    _, values = exact_values(graph, model, AbsoluteMagnitudes(ParameterEdges(source)), q, keep=False)
     return values[-1]
 
 
@@ -76,7 +76,7 @@ def _plain(total: Scaled) -> bool:
 def log_path_norm(model: nn.Module, input_shape: Sequence[int], q: float = 1.0) -> Tensor:
     """log ||Phi(theta)||_q, computed with running log-scales so that it never overflows (MATH.md §2)."""
     model, shape, q = unwrapped(model), validated_input_shape(input_shape), validated_q(q)
-    magnitudes = PowerMagnitudes(ParameterEdges(ModuleSource(model)), q)
+    magnitudes = AbsoluteMagnitudes(ParameterEdges(ModuleSource(model)))
     return log_of(evaluate(capture(model, shape), model, magnitudes, q, log_scaled=True), q) / q
 
 
@@ -128,7 +128,7 @@ def check_support(model: nn.Module, input_shape: Sequence[int]) -> SupportReport
     if _FITTING_SHAPES.get(graph) == shapes:  # several monitors of one model check it once
         return report
     try:
-        evaluate(graph, model, PowerMagnitudes(ParameterEdges(MetaSource())), 1.0, log_scaled=False,
+        evaluate(graph, model, AbsoluteMagnitudes(ParameterEdges(MetaSource())), 1.0, log_scaled=False,
                  device=torch.device("meta"))
     except PathComputationError as error:
         return SupportReport((UnsupportedNode("<model>", type(model).__name__, str(error)),))

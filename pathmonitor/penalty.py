@@ -25,7 +25,7 @@ from .errors import PathComputationError
 from .graph import OpKind, PathGraph, PathOp, capture
 from .layers import parameter_name
 from .norms import norm_of, unwrapped, validated_input_shape, validated_q
-from .sources import ModuleSource, ParameterEdges, ParameterSource, PowerMagnitudes, Tensors
+from .sources import ModuleSource, ParameterEdges, ParameterSource, AbsoluteMagnitudes, Tensors
 
 GradientSink = Callable[[str, nn.Parameter, Tensor], None]
 
@@ -50,7 +50,7 @@ def path_norm_penalty(model: nn.Module, input_shape: Sequence[int], q: float = 1
                          f"graph over the whole network would need them all gathered at once. Use "
                          f"pathmonitor.penalty.penalty_gradients, or the PathNormRegularizer callback.")
     graph = capture(model, shape)
-    _, values = exact_values(graph, model, PowerMagnitudes(ParameterEdges(ModuleSource(model)), q, dtype), q,
+    _, values = exact_values(graph, model, AbsoluteMagnitudes(ParameterEdges(ModuleSource(model)), dtype), q,
                              keep=False, dtype=dtype)
     return penalty_of(values[-1], q, log)
 
@@ -116,7 +116,7 @@ def penalty_gradients(graph: PathGraph, model: nn.Module, source: ParameterSourc
 def _whole_graph(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
                  sink: GradientSink, dtype: torch.dtype) -> float:
     """One autograd graph over the whole |theta|^q network, built on the parameters themselves."""
-    magnitudes = PowerMagnitudes(ParameterEdges(source), q, dtype)
+    magnitudes = AbsoluteMagnitudes(ParameterEdges(source), dtype)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     with torch.enable_grad():
         _, values = exact_values(graph, model, magnitudes, q, keep=False, dtype=dtype)
@@ -147,7 +147,7 @@ def _check_finite(found: list[tuple[str, nn.Parameter, Tensor]]) -> None:
 def _op_by_op(graph: PathGraph, model: nn.Module, source: ParameterSource, q: float, log: bool,
               sink: GradientSink, dtype: torch.dtype) -> float:
     """Reverse-mode differentiation one op at a time, re-evaluating each op on its kept inputs."""
-    magnitudes = PowerMagnitudes(ParameterEdges(source), q, dtype)
+    magnitudes = AbsoluteMagnitudes(ParameterEdges(source), dtype)
     with torch.no_grad():
         interpreter, values = exact_values(graph, model, magnitudes, q, keep=True, dtype=dtype)
     total = values[-1]
@@ -181,8 +181,8 @@ def _op_backward(op: PathOp, grad: Any, values: list[Any], interpreter: Interpre
         if op.kind is OpKind.AFFINE:  # differentiate inside the gather, while the parameters are whole
             module = model.get_submodule(op.target)
             tensors = stack.enter_context(source.tensors(op.target, module))
-            evaluator = Interpreter(interpreter.graph, model, PowerMagnitudes(ParameterEdges(_Opened(tensors)),
-                                    interpreter.q, interpreter.dtype), interpreter.q, interpreter.log_scaled,
+            evaluator = Interpreter(interpreter.graph, model, AbsoluteMagnitudes(ParameterEdges(_Opened(tensors)),
+                                    interpreter.dtype), interpreter.q, interpreter.log_scaled,
                                     interpreter.device, interpreter.dtype)
             named = [(parameter_name(op.target, n), p) for n, p in module.named_parameters() if p.requires_grad]
         value = evaluator.evaluate_op(op, _Overlay(values, leaves)).value

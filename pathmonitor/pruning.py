@@ -22,7 +22,7 @@ from .graph import PathGraph
 from .layers import parameter_name
 from .logmath import exp_or_inf, log_difference
 from .norms import norm_and_log
-from .scores import scores_from
+from .scores import check_scorable, scores_from
 from .sources import ParameterSource, Tensors
 
 Scope = Literal["global", "layer"]
@@ -121,6 +121,7 @@ def prune_round(graph: PathGraph, model: nn.Module, source: ParameterSource, mas
     check_number("chunks", chunks, integer=True)
     kept = {name: mask.clone() for name, mask in masks.items()}
     modules = list(kept)
+    check_scorable(graph, model, modules)
     _, log_before = norm_and_log(graph, model, MaskedSource(source, kept), 1.0)
     budget_relative = budget.relative_to(log_before) if isinstance(budget, Certified) else float(budget)
 

@@ -40,8 +40,14 @@ def selected_modules(graph: PathGraph, model: nn.Module, parameters: Optional[It
             raise ValueError(f"cannot score {unknown}: path-magnitude scores exist for the weights of Linear / Conv / "
                              f"ConvTranspose layers on the input-output paths, e.g. {list(allowed)[:3]}")
     modules = [allowed[name] for name in chosen]
-    _check_single_crossing(graph, modules)
+    check_scorable(graph, model, modules)
     return modules
+
+
+def check_scorable(graph: PathGraph, model: nn.Module, modules: list[str]) -> None:
+    """Raise ValueError unless per-module scores and masks of these modules' weights are exact."""
+    _check_single_crossing(graph, modules)
+    _check_untied(graph, model, modules)
 
 
 def _check_single_crossing(graph: PathGraph, modules: list[str]) -> None:
@@ -52,6 +58,23 @@ def _check_single_crossing(graph: PathGraph, modules: list[str]) -> None:
             raise ValueError(f"module {name!r} is applied twice on one input-output path, so ||Phi||_1 is not "
                              f"linear in its weights and path-magnitude scores would be wrong; leave it out of "
                              f"`parameters`")
+
+
+def _check_untied(graph: PathGraph, model: nn.Module, modules: list[str]) -> None:
+    """Scores and masks are per module: a weight tensor that several modules share (tied) would be scored
+    per use, each use seeing the others unpruned, while zeroing an entry zeroes it in every use."""
+    users: dict[int, list[str]] = {}
+    for name in dict.fromkeys(graph.affine_modules()):
+        weight = model.get_submodule(name)._parameters.get("weight")
+        if weight is not None:
+            users.setdefault(id(weight), []).append(name)
+    for name in modules:
+        weight = model.get_submodule(name)._parameters.get("weight")
+        shared = [] if weight is None else users[id(weight)]
+        if len(shared) > 1:
+            raise ValueError(f"modules {shared} share one weight tensor (tied weights): path-magnitude scores and "
+                             f"pruning masks are per module, and would miss what the other uses carry; select "
+                             f"none of them")
 
 
 def scores_from(graph: PathGraph, model: nn.Module, source: ParameterSource,

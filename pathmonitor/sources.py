@@ -6,11 +6,12 @@ Three small layers, each with one job:
 - an `EdgeSource` turns them into the signed edge weights and biases of the path model (batch-norm
   folded), possibly combining two networks (the sign split of MATH.md section 3);
 - an `EdgeMagnitudes` turns those into the non-negative weights of the network the engine evaluates:
-  |theta|^q for path-norms, max/min envelopes for path-metrics, gradient-tracking leaves for scores.
+  |theta| for path-norms, max/min envelopes for path-metrics, gradient-tracking leaves for scores.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Iterator, Mapping, Optional, Protocol
 
 import torch
@@ -42,11 +43,18 @@ class ModuleSource:
     locally, from any single rank."""
 
     def __init__(self, root: nn.Module, buffers_from_rank_zero: Optional[bool] = None):
-        self.root = root
+        self._root = weakref.ref(root)  # a source kept beside the model (a tracked model's) must not keep it alive
         if buffers_from_rank_zero is None:
             buffers_from_rank_zero = is_sharded(root)
         self.buffers_from_rank_zero = buffers_from_rank_zero and world()[1] > 1
         self._rank_zero_buffers: Optional[dict[str, dict[str, Tensor]]] = None
+
+    @property
+    def root(self) -> nn.Module:
+        return _alive(self._root)
+
+    def reads(self, model: nn.Module) -> bool:
+        return self._root() is model
 
     @contextlib.contextmanager
     def buffers_held(self) -> Iterator[None]:
@@ -99,6 +107,13 @@ class ModuleSource:
         for (owner, key, _), copy in zip(flat, from_rank_zero([b for _, _, b in flat])):
             copies[owner][key] = copy
         return {name: copies[id(m)] for name, m in named}
+
+
+def _alive(reference: "weakref.ref[nn.Module]") -> nn.Module:
+    module = reference()
+    if module is None:
+        raise ReferenceError("the model this reads was deleted")
+    return module
 
 
 def _effective(module: nn.Module, key: str) -> Optional[Tensor]:
@@ -233,37 +248,34 @@ class SignSplitEdges:
                          for x, y in pairs)  # type: ignore[return-value]
 
 
-def magnitude(t: Optional[Tensor], q: float = 1.0, dtype: torch.dtype = torch.float64) -> Optional[Tensor]:
-    """|t|^q in `dtype`: a fresh tensor, never a view of the model's own."""
+def magnitude(t: Optional[Tensor], dtype: torch.dtype = torch.float64) -> Optional[Tensor]:
+    """|t| in `dtype`: a fresh tensor, never a view of the model's own."""
     if t is None:
         return None
     if t.requires_grad and torch.is_grad_enabled():
-        widened = t.abs().to(dtype)  # abs before widening: half the memory traffic
-        return widened if q == 1 else widened.pow(q)
+        return t.abs().to(dtype)  # abs before widening: half the memory traffic
     # no graph to keep: widen into a fresh buffer and work in place, one allocation in all
-    widened = t.detach().to(dtype, copy=True).abs_()
-    return widened if q == 1 else widened.pow_(q)
+    return t.detach().to(dtype, copy=True).abs_()
 
 
 class EdgeMagnitudes(Protocol):
     def affine(self, name: str, module: nn.Module) -> contextlib.AbstractContextManager[Edges]:
         """Non-negative (edge weights, biases) of the affine module `name`, in float64 unless the
-        interpreter that reads them computes in another dtype."""
+        interpreter that reads them computes in another dtype; the interpreter raises them to its q."""
 
 
-class PowerMagnitudes:
-    """|w|^q and |b|^q: the network whose output sum is ||Phi(theta)||_q^q (MATH.md section 2), in
-    float64 unless another `dtype` is asked for."""
+class AbsoluteMagnitudes:
+    """|w| and |b|: the network whose output sum, with every weight raised to q by the interpreter, is
+    ||Phi(theta)||_q^q (MATH.md section 2); in float64 unless another `dtype` is asked for."""
 
-    def __init__(self, edges: EdgeSource, q: float = 1.0, dtype: torch.dtype = torch.float64):
+    def __init__(self, edges: EdgeSource, dtype: torch.dtype = torch.float64):
         self.edges_source = edges
-        self.q = q
         self.dtype = dtype
 
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
         with self.edges_source.edges(name, module) as (weight, bias):
-            yield magnitude(weight, self.q, self.dtype), magnitude(bias, self.q, self.dtype)
+            yield magnitude(weight, self.dtype), magnitude(bias, self.dtype)
 
 
 class Envelopes:

@@ -41,14 +41,22 @@ class TrackedModel:
     """One model's path quantities during training, each evaluated at most once per moment."""
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], *, synchronized: bool):
-        self.model = unwrapped(model)
         self.input_shape = validated_input_shape(input_shape)
-        self.source = ModuleSource(self.model, buffers_from_rank_zero=synchronized)
+        # holding the model weakly, like the source: `tracked` keeps one per live model, and must not keep it alive
+        self.source = ModuleSource(unwrapped(model), buffers_from_rank_zero=synchronized)
         self._moment: Hashable = None
         self._values: dict[Hashable, object] = {}
         self._constants: tuple[PathGraph, dict[str, int]] | None = None
         self.input_bound: float | None = None  # max ||x||_inf over the training inputs, once measured
         self.fit = 0  # counts the fits that use this model: step numbers start again in each
+
+    @property
+    def model(self) -> nn.Module:
+        return self.source.root
+
+    def is_of(self, model: nn.Module) -> bool:
+        """Whether this tracks `model` (False once the tracked model is gone)."""
+        return self.source.reads(unwrapped(model))
 
     @property
     def graph(self) -> PathGraph:

@@ -111,6 +111,7 @@ def _bad_inputs(root: Path, out: Path) -> list[tuple[list[str], str]]:
           "--input-bound", "1", "--input-shape", "3", "32", "32"], "mobilenet.pt: "),
         (["norm", str(out / "ckpt" / "final.ckpt")], "pass --model"),
         (["report", str(root / "empty_logs"), "-o", str(root / "report.png")], "empty_logs: holds no TensorBoard"),
+        (["report", str(out / "tb"), "-o", str(root / "empty_logs")], "empty_logs: is a directory"),
     ]
 
 

@@ -3,6 +3,7 @@ TensorBoard, shared evaluations, state, the TensorBoard server and the `pathmoni
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import random
 import socket
@@ -11,12 +12,14 @@ import sys
 import time
 import urllib.request
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler
@@ -212,16 +215,23 @@ class NoisyDigits(torch.utils.data.Dataset):
         return x + float(np.random.rand()) * 0.01, y
 
 
-def test_the_passes_over_the_data_use_the_training_sampler_and_no_randomness(tmp_path):
+@pytest.mark.parametrize("loading", ["a sampler", "a sampler wrapped as under DDP", "persistent workers"])
+def test_the_passes_over_the_data_use_the_training_sampler_and_no_randomness(tmp_path, loading):
+    """Every random state the passes draw from is restored: also a custom sampler's generator inside the
+    wrapper Lightning puts around it under DDP, and the worker processes a loader keeps between epochs."""
     digits = DigitsData(limit=200)
     digits.setup("fit")
 
     def fit(callbacks):
         torch.manual_seed(0), np.random.seed(0), random.seed(0)
         model = DigitsNet(width=4)
-        train = DataLoader(NoisyDigits(digits.train_set), batch_size=16,
-                           sampler=SubsetRandomSampler(range(100), generator=torch.Generator().manual_seed(1)))
-        trainer(tmp_path, callbacks, max_steps=7).fit(model, train, DataLoader(digits.val_set, batch_size=16))
+        sampler = SubsetRandomSampler(range(100), generator=torch.Generator().manual_seed(1))
+        if loading == "a sampler wrapped as under DDP":
+            sampler = DistributedSamplerWrapper(sampler, num_replicas=1, rank=0, shuffle=False)
+        workers = {"num_workers": 1, "persistent_workers": True} if loading == "persistent workers" else {}
+        train = DataLoader(NoisyDigits(digits.train_set), batch_size=16, sampler=sampler, **workers)
+        trainer(tmp_path, callbacks, max_steps=7, use_distributed_sampler=False).fit(
+            model, train, DataLoader(digits.val_set, batch_size=16))
         return model
 
     bound = GeneralizationBoundMonitor(gap_metrics=("absent_train", "absent_val"))
@@ -257,6 +267,82 @@ def test_state_round_trips_and_tolerates_older_checkpoints():
     other.load_state_dict(monitor.state_dict())
     assert (other.last, other.last_step) == ({"pathmetric/drift": 1.5}, 12)
     assert PathMetricDrift().state_key != PathMetricDrift(reference="init").state_key
+
+
+def test_values_given_to_the_bound_monitor_outlive_a_resume():
+    measured = GeneralizationBoundMonitor()
+    measured.n_samples, measured.input_bound = 160, 1.0
+    given = GeneralizationBoundMonitor(n_samples=1000, input_bound=2.0)
+    given.load_state_dict(measured.state_dict())
+    assert (given.n_samples, given.input_bound) == (1000, 2.0)
+    unknown = GeneralizationBoundMonitor()
+    unknown.load_state_dict(measured.state_dict())
+    assert (unknown.n_samples, unknown.input_bound) == (160, 1.0)
+
+
+class Diverge(pl.Callback):
+    """A weight becomes infinite after step 3, as in a run that diverged."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == 3:
+            with torch.no_grad():
+                pl_module.net[0].weight[0, 0, 0, 0] = float("inf")
+
+
+def test_a_drift_that_cannot_be_computed_leaves_the_checkpoint_written(tmp_path):
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, filename="{step}")
+    run = pl.Trainer(accelerator="cpu", max_steps=4, callbacks=[Diverge(), PathMetricDrift(), checkpoints],
+                     logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.warns(UserWarning, match="the checkpoint is saved all the same"):
+        run.fit(DigitsNet(width=4), data())
+    assert (tmp_path / "step=4.ckpt").exists()
+
+
+class SavedWeights(pl.Callback):
+    def __init__(self):
+        self.saved = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.saved.append((trainer.global_step, {k: v.clone() for k, v in pl_module.state_dict().items()}))
+
+
+def test_a_second_save_at_one_step_after_the_weights_changed_moves_the_reference(tmp_path):
+    """5 steps an epoch: a save at step 5's batch end, then the weights halve at the epoch's end and another
+    save follows; the drift at step 8 is against that last one."""
+    model, saved, drift = DigitsNet(width=4), SavedWeights(), PathMetricDrift()
+    checkpoints = [pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "a", every_n_train_steps=5, save_top_k=-1),
+                   pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "b", save_on_train_epoch_end=True, save_top_k=-1)]
+    run = pl.Trainer(accelerator="cpu", max_steps=8, callbacks=[HalveWeights(), saved, drift, *checkpoints],
+                     logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    run.fit(model, data())  # a checkpoint also at the end, step 8
+    assert [step for step, _ in saved.saved][:3] == [5, 5, 8]
+    reference = saved.saved[1][1]
+    assert drift.last["pathmetric/drift"] == pytest.approx(pm.path_metric(model, reference, (1, 8, 8)).value, rel=1e-9)
+
+
+class Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.rand(1, 8, 8), torch.tensor(0)
+
+
+def test_the_training_set_pass_reads_one_epoch_as_the_trainer_limits_it(tmp_path):
+    bound = GeneralizationBoundMonitor()
+    trainer(tmp_path, [bound], max_steps=2, limit_train_batches=2, limit_val_batches=0).fit(DigitsNet(width=4), data())
+    assert bound.n_samples == 2 * 32
+    with pytest.raises(MonitorError, match="pass n_samples= and input_bound="):
+        trainer(tmp_path, [GeneralizationBoundMonitor()], max_steps=2).fit(
+            DigitsNet(width=4), DataLoader(Endless(), batch_size=4))
+
+
+def test_tracking_a_model_does_not_keep_it_alive():
+    models = [DigitsNet(width=4) for _ in range(2)]
+    for model in models:
+        pathmonitor.tracking.tracked(model, (1, 8, 8), synchronized=False).at(0).path_norm(1.0)
+    references = [weakref.ref(model) for model in models]
+    del models, model
+    gc.collect()
+    assert all(reference() is None for reference in references)
 
 
 def test_core_package_does_not_import_lightning():

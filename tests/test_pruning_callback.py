@@ -91,6 +91,78 @@ def test_a_killed_and_resumed_run_ends_with_the_masks_of_an_uninterrupted_one(tm
     assert resumed.rounds == 2 + 2  # two before the kill, two after it
 
 
+class Stop(Exception):
+    pass
+
+
+class StopAt(pl.Callback):
+    """Kills the run as the batch of global step `step` starts."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise Stop
+
+
+def test_a_run_resumed_from_an_epoch_end_checkpoint_prunes_that_epoch_once(tmp_path):
+    """With max_steps bounding the run, Lightning calls the end of the checkpoint's epoch again on resume."""
+    def pruning():
+        return PathBudgetPruning(budget=0.2, every_n_epochs=1, module="net")
+
+    def run(root, callbacks, **kwargs):
+        return pl.Trainer(accelerator="cpu", max_steps=15, max_epochs=-1, callbacks=callbacks, logger=False,
+                          default_root_dir=str(tmp_path / root), enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+    pl.seed_everything(0)
+    whole = pruning()
+    run("whole", [whole], enable_checkpointing=False).fit(DigitsNet(width=4), data())
+    pl.seed_everything(0)
+    killed = pruning()
+    with pytest.raises(Stop):
+        run("killed", [killed, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1), StopAt(7)]).fit(
+            DigitsNet(width=4), data())
+    resumed = pruning()
+    run("resumed", [resumed], enable_checkpointing=False).fit(DigitsNet(width=4), data(),
+                                                              ckpt_path=str(tmp_path / "epoch=0-step=5.ckpt"))
+    assert resumed.rounds == whole.rounds == 3
+    for name in whole.masks:
+        assert torch.equal(resumed.masks[name], whole.masks[name]), name
+
+
+def test_another_fit_of_the_same_model_keeps_what_was_pruned(tmp_path):
+    model = DigitsNet(width=4)
+    pruning = PathBudgetPruning(budget=0.3, every_n_steps=2, end=2, module="net")
+    trainer(tmp_path, [pruning], max_steps=3).fit(model, data())
+    pruned = {name: ~mask for name, mask in pruning.masks.items()}
+    assert sum(int(p.sum()) for p in pruned.values()) > 0
+    trainer(tmp_path, [pruning], max_steps=3).fit(model, data())  # a fresh Adam, which masks must hold back
+    for name, where in pruned.items():
+        assert torch.all(model.net.get_submodule(name).weight[where] == 0), name
+    start = MasksAtStart(pruning)
+    trainer(tmp_path, [pruning, start], max_steps=2).fit(DigitsNet(width=4), data())
+    assert start.all_kept  # another model starts unpruned
+
+
+class MasksAtStart(pl.Callback):
+    def __init__(self, pruning: PathBudgetPruning):
+        self.pruning, self.all_kept = pruning, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.all_kept = all(bool(mask.all()) for mask in self.pruning.masks.values())
+
+
+def test_weights_computed_at_every_forward_are_refused_before_the_first_step(tmp_path):
+    counter = CountSteps()
+    model = DigitsNet(width=4)
+    torch.nn.utils.prune.identity(model.net[10], "weight")
+    with pytest.raises(MonitorError, match=r"\['10'\] are computed from other parameters"):
+        trainer(tmp_path, [PathBudgetPruning(every_n_steps=2, module="net"), counter], max_steps=4).fit(model, data())
+    assert counter.steps == 0
+
+
 def test_rescaling_before_pruning_changes_no_mask_where_magnitude_pruning_changes_many(tmp_path):
     """One round at the first step, learning rate 0 and frozen batch-norm statistics, so the weights the
     round sees are the initial ones, once as they are and once after a function-preserving rescaling."""
@@ -140,6 +212,7 @@ def test_bad_arguments_are_refused_at_construction(make_callback, problem):
     (lambda: PathBudgetPruning(every_n_steps=100), "never prune"),
     (lambda: PathBudgetPruning(every_n_steps=3, start=5, end=5), "never prune"),
     (lambda: PathBudgetPruning(every_n_epochs=3), "never prune"),  # max_steps=10 ends the 2nd epoch
+    (lambda: PathBudgetPruning(every_n_steps=2, rewind_to=3), "rewind_to=3"),
 ])
 def test_bad_input_fails_before_the_first_step(tmp_path, make_callback, problem):
     counter = CountSteps()
@@ -162,7 +235,7 @@ class EpochEndWeights(pl.Callback):
     sees them: placed before the pruning callback, before its round; after it, after."""
 
     def __init__(self):
-        self.weights, self.moments = {}, {}
+        self.weights, self.moments, self.adam_steps = {}, {}, {}
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch + 1
@@ -170,6 +243,7 @@ class EpochEndWeights(pl.Callback):
         self.weights[epoch] = {n: w.detach().clone() for n, w in chosen.items()}
         state = trainer.optimizers[0].state
         self.moments[epoch] = {n: state[w]["exp_avg"].clone() for n, w in chosen.items()}
+        self.adam_steps[epoch] = {n: float(state[w]["step"]) for n, w in chosen.items()}
 
 
 def test_rewinding_to_an_epoch_restores_the_survivors_and_clears_their_optimizer_state(tmp_path):
@@ -182,4 +256,5 @@ def test_rewinding_to_an_epoch_restores_the_survivors_and_clears_their_optimizer
         assert not torch.equal(before.weights[2][name], before.weights[1][name])  # training moved them
         assert torch.equal(after.weights[2][name], before.weights[1][name] * mask), name  # back to epoch 1
         assert torch.all(after.moments[2][name] == 0), name
+        assert before.adam_steps[2][name] > 0 and after.adam_steps[2][name] == 0, name  # bias correction anew
     assert sum(int((~mask).sum()) for mask in pruning.masks.values()) > 0

@@ -127,3 +127,26 @@ def test_ramps():
     assert [ramped_sparsity(p, 0, 10, 0.8, "linear") for p in (0, 5, 10, 20)] == pytest.approx([0, 0.4, 0.8, 0.8])
     assert ramped_sparsity(5, 0, 10, 0.8, "cubic") == pytest.approx(0.8 * (1 - 0.5 ** 3))
     assert ramped_sparsity(-3, 0, 10, 0.8) == 0
+
+
+class _Tied(nn.Module):
+    """Two layers, one after the other, sharing one weight tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False), nn.Linear(6, 2, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_tied_weights_are_refused_where_scores_and_masks_would_count_one_use():
+    """Per-module masks and scores would each see the other use unpruned (a 0.1 budget let a round reach
+    0.17): refused, while the untied layer stays scorable."""
+    net = _Tied()
+    with pytest.raises(ValueError, match=r"\['a', 'b'\] share one weight tensor"):
+        round_of(net, (6,), full_masks(net, (6,)), 0.1)
+    with pytest.raises(ValueError, match="tied weights"):
+        pm.path_magnitude_scores(net, (6,), ["a.weight"])
+    assert pm.path_magnitude_scores(net, (6,), ["c.weight"])["c.weight"].shape == (2, 6)

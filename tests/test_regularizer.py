@@ -107,14 +107,21 @@ class _TwoBranches(nn.Module):
         return x + self.g(x)
 
 
-@pytest.mark.parametrize("name", NETS + ["beyond float32", "sinking in float32", "vanishing in float32"])
+@pytest.mark.parametrize("name", NETS + ["beyond float32", "sinking in float32", "vanishing in float32",
+                                  "a layer whose |w|^2 underflows"])
 @pytest.mark.parametrize("q,log", [(1.0, True), (2.0, False)])
 def test_the_float32_penalty_equals_the_float64_one_to_float32_round_off(name, q, log):
     """In float32 (what the regularizer uses for float32 models) the value and every gradient, by one
     autograd graph and op by op, match float64's to float32 round-off; also where a plain float32 pass
     overflows (a path-norm of 1e56), or sinks towards float32's subnormals or to 0, so running log-scales
-    take over."""
-    if name == "beyond float32":
+    take over, and where |w|^q of a whole layer would underflow (formed from |w| / max |w| instead)."""
+    if name == "a layer whose |w|^2 underflows":
+        torch.manual_seed(0)
+        net, shape = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (3,)
+        with torch.no_grad():
+            net[0].weight.mul_(1e-22), net[0].bias.mul_(1e-22)  # |w|^2 ~ 1e-45: below float32's subnormals
+            net[2].bias.zero_()  # else it carries all but 1e-44 of the path-norm
+    elif name == "beyond float32":
         net, shape = _chain(19, 8, 100.0), (8,)  # 8 (8 * 100)^19
     elif name == "sinking in float32":
         net, shape = _chain(22, 1, 1e4), (1,)
@@ -333,6 +340,18 @@ def test_manual_optimization_adds_the_penalty_at_each_optimizer_step(tmp_path):
         trainer(tmp_path, [PathNormRegularizer(WEIGHT)], max_steps=1).fit(ManualPenaltyOnly(optimizers=2), data())
 
 
+def test_a_skipped_batch_gets_no_penalty_step(tmp_path):
+    """`training_step` returning None skips the batch: Lightning still calls the optimizer, on no gradient."""
+    model = model_for("single")
+    skipping = type("Skipping", (type(model),), {"training_step": lambda self, batch, batch_idx: None})(width=3)
+    skipping.load_state_dict(model.state_dict())
+    regularizer = PathNormRegularizer(WEIGHT)
+    trainer(tmp_path, [regularizer], max_steps=1).fit(skipping, data())
+    for (key, before), after in zip(model.state_dict().items(), skipping.state_dict().values()):
+        assert torch.equal(before, after), key
+    assert regularizer.last == {}
+
+
 class Recorder(pl.Callback):
     """The regularizer's logged values at every step (read right after it logs)."""
 
@@ -386,6 +405,7 @@ def test_bad_weights_are_refused_at_construction(bad):
     (lambda: PathNormRegularizer(0.1, input_shape=(3, 8, 8)), lambda: DigitsNet(width=4), "input_shape"),
     (lambda: PathNormRegularizer(0.1, schedule=lambda step: -1.0), lambda: DigitsNet(width=4), "schedule"),
     (lambda: PathNormRegularizer(0.1, schedule=lambda step: math.nan), lambda: DigitsNet(width=4), "schedule"),
+    (lambda: PathNormRegularizer(0.1, schedule=lambda step: True), lambda: DigitsNet(width=4), "schedule"),
 ])
 def test_bad_input_fails_before_the_first_step(tmp_path, make_callback, model, problem):
     counter = CountSteps()

@@ -73,6 +73,7 @@ def test_killed_and_resumed_run_logs_the_uninterrupted_drift_series(runs, strate
     resumed_run = runs(strategy, "--resume", str(killed / "ckpt" / "epoch=0-step=8.ckpt"))
     before, resumed = scalars(killed), scalars(resumed_run)
     for tag in ("pathmetric/drift", "pathmetric_checkpoint/drift", "pathnorm/l1"):
+        assert min(resumed[tag]) > 8, (tag, resumed[tag])  # nothing again at the checkpoint's step
         stitched = {**{s: v for s, v in before[tag].items() if s <= 8},
                     **{s: v for s, v in resumed[tag].items() if s > 8}}
         assert stitched.keys() == whole[tag].keys(), tag
