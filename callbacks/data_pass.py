@@ -17,6 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from lightning_fabric.utilities.data import sized_len
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DistributedSampler
@@ -99,8 +100,8 @@ def preserved_random_state(loaders: Iterable[Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def batches_of(loader: Any, count: int) -> Iterator[Iterator[Any]]:
-    """The loader's first `count` batches, leaving alone the worker processes a run keeps
+def batches_of(loader: Any, count: Optional[int]) -> Iterator[Iterator[Any]]:
+    """The loader's first `count` batches (all with None), leaving alone the worker processes a run keeps
     (`persistent_workers`): a pass through them would move their random states on and reseed their next
     epoch. The pass gets workers of its own, stopped after it."""
     if not (getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0):
@@ -123,26 +124,25 @@ def _reduced(value: float, op: "dist.ReduceOp", device: torch.device) -> float:
 
 def training_set_statistics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[int, float]:
     """(n, B): the number of training samples one epoch goes through (over all ranks, `limit_train_batches`
-    heeded) and the largest ||x||_inf over them, from one pass of the training dataloader."""
+    heeded) and the largest ||x||_inf over them, from one pass of the training dataloader (to its end when
+    it has no length: an endless one needs n_samples= and input_bound=)."""
     loader = _single_loader(trainer.train_dataloader)
     if loader is None:
         raise MonitorError("GeneralizationBoundMonitor found no training dataloader: pass n_samples= and "
                            "input_bound=")
-    batches = trainer.num_training_batches  # this rank's, after limit_train_batches
-    if not math.isfinite(batches):
-        raise MonitorError("GeneralizationBoundMonitor cannot count the training set: its dataloader has no length "
-                           "(an IterableDataset), so one epoch has no end to read n and max |x| from; pass "
-                           "n_samples= and input_bound=")
+    batches = trainer.num_training_batches  # this rank's, after limit_train_batches; inf without a length
     seen, largest = 0, 0.0
-    with preserved_random_state([loader]), batches_of(loader, int(batches)) as epoch:
-        bar = tqdm(epoch, total=int(batches), desc="pathmonitor: n and max |x| of the training set", file=sys.stderr,
-                   leave=False, disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
+    with preserved_random_state([loader]), batches_of(loader, None if math.isinf(batches) else int(batches)) as epoch:
+        bar = tqdm(epoch, total=None if math.isinf(batches) else int(batches), file=sys.stderr, leave=False,
+                   desc="pathmonitor: n and max |x| of the training set (pass n_samples= and input_bound= to skip)",
+                   disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
         for batch in bar:
             x, _ = inputs_and_targets(batch)
             seen += x.shape[0]
             largest = max(largest, float(x.detach().abs().max())) if x.numel() else largest
     device = trainer.strategy.root_device
-    padding = _padding(loader) if batches >= len(loader) else 0  # a DistributedSampler pads the epoch's end
+    length = sized_len(loader)
+    padding = _padding(loader) if length is not None and batches >= length else 0  # the epoch's end is padded
     n_samples = int(_reduced(float(seen), dist.ReduceOp.SUM, device)) - padding
     return n_samples, _reduced(largest, dist.ReduceOp.MAX, device)
 

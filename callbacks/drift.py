@@ -109,8 +109,11 @@ class PathMetricDrift(PathCallback):
 
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: dict[str, Any]) -> None:
-        if self._tracked is None or self._reference is None or self._save_moment(trainer) == self._saved_at:
-            return  # not training, or these weights were already saved at this step (e.g. a second file)
+        if (self._tracked is None or self._reference is None or trainer.state.fn != "fit"
+                or not self._tracked.is_of(self.watched_module(pl_module))):
+            return  # not training (a save after another stage, on another model, say)
+        if self._save_moment(trainer) == self._saved_at:
+            return  # these weights were already saved at this step (e.g. a second file)
         self._saved_at, self.saved_step = self._save_moment(trainer), trainer.global_step
         try:
             self._log(trainer)

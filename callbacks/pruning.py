@@ -16,7 +16,7 @@ from pathmonitor.bounds import check_number
 from pathmonitor.distributed import full_shape, has_class_named, is_sharded
 from pathmonitor.masking import MaskKeeper, mask_keeper
 from pathmonitor.pruning import Budget, Certified, Ramp, Scope, check_budget, prune_round, ramped_sparsity
-from pathmonitor.scores import selected_modules
+from pathmonitor.scores import check_untied, selected_modules
 
 from .base import (MonitorError, PathCallback, between_deepspeed_micro_batches, check_deepspeed_gradients, is_due,
                    log_values, restore)
@@ -119,6 +119,8 @@ class PathBudgetPruning(PathCallback):
         graph = self.tracked.graph
         try:
             names = selected_modules(graph, watched, self._selected_weight_names(watched))
+            if watched is not pl_module:  # a weight tied to one outside the watched module
+                check_untied(pl_module, [f"{self.module}.{name}" if name else self.module for name in names])
         except ValueError as error:
             raise MonitorError(f"PathBudgetPruning: {error}") from None
         if not names:

@@ -76,8 +76,7 @@ class Interpreter:
         self.log_scaled = log_scaled
         self.device = device
         self.dtype = dtype
-        self._peaks: list[Tensor] = []  # plain mode: the max of every activation that can shrink
-        self._weight_peaks: list[Tensor] = []  # plain mode: the max of every |w|^q with q != 1 (0 is exact)
+        self._peaks: list[Tensor] = []  # plain mode: the max of every activation that can shrink, and of |w|^q
         self._modules: dict[str, nn.Module] = {}  # looked up once per pass: a lookup walks the module tree
 
     def run(self) -> Scaled:
@@ -112,15 +111,11 @@ class Interpreter:
         """Whether every activation of a plain pass that can shrink stayed inside `precise_range`, even
         when the total looks fine: one that sank towards subnormals lost relative precision (or, at
         exactly 0, paths that the log-scaled pass keeps), and one far above it gives a gradient that sinks."""
+        if not self._peaks:
+            return True
         smallest, largest = precise_range(self.dtype)
-        outside = []
-        if self._peaks:
-            peaks = torch.stack(self._peaks)
-            outside.append((peaks <= smallest) | (peaks >= largest))
-        if self._weight_peaks:
-            peaks = torch.stack(self._weight_peaks)
-            outside.append(((peaks > 0) & (peaks <= smallest)) | (peaks >= largest))
-        return not any(bool(flags.any()) for flags in outside)
+        peaks = torch.stack(self._peaks)
+        return not bool(((peaks <= smallest) | (peaks >= largest)).any())
 
     def evaluate_op(self, op: PathOp, values: Sequence[Any]) -> Any:
         """The value of `op` from the values of the ops it reads, failures named after the op."""
@@ -208,14 +203,15 @@ class Interpreter:
             return Scaled(out, new_scale)
 
     def _powered(self, t: Optional[Tensor]) -> Optional[Tensor]:
-        """|w|^q of a plain pass; with q != 1 its largest entry is watched like an activation's: one that
-        leaves the precise range (|w|^q over- or underflowing) sends the pass to running log-scales."""
+        """|w|^q of a plain pass; with q != 1, (max |w|)^q is watched like an activation's largest entry:
+        out of the precise range (|w|^q over- or underflowing, to 0 too) it sends the pass to running
+        log-scales. A tensor of zeros is exact."""
         if t is None or self.q == 1:
             return t
-        powered = t.pow(self.q)
-        if powered.numel():
-            self._weight_peaks.append(powered.detach().max())
-        return powered
+        if t.numel():
+            peak = t.detach().max()
+            self._peaks.append(torch.where(peak > 0, peak ** self.q, torch.ones_like(peak)))
+        return t.pow(self.q)
 
     def _normalized_power(self, t: Optional[Tensor]) -> tuple[Optional[Tensor], float]:
         """(|w| / m)^q and q log m, m = max |w|, for a log-scaled pass: |w|^q never formed, so it can

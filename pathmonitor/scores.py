@@ -47,7 +47,7 @@ def selected_modules(graph: PathGraph, model: nn.Module, parameters: Optional[It
 def check_scorable(graph: PathGraph, model: nn.Module, modules: list[str]) -> None:
     """Raise ValueError unless per-module scores and masks of these modules' weights are exact."""
     _check_single_crossing(graph, modules)
-    _check_untied(graph, model, modules)
+    check_untied(model, modules)
 
 
 def _check_single_crossing(graph: PathGraph, modules: list[str]) -> None:
@@ -60,21 +60,19 @@ def _check_single_crossing(graph: PathGraph, modules: list[str]) -> None:
                              f"`parameters`")
 
 
-def _check_untied(graph: PathGraph, model: nn.Module, modules: list[str]) -> None:
-    """Scores and masks are per module: a weight tensor that several modules share (tied) would be scored
-    per use, each use seeing the others unpruned, while zeroing an entry zeroes it in every use."""
-    users: dict[int, list[str]] = {}
-    for name in dict.fromkeys(graph.affine_modules()):
-        weight = model.get_submodule(name)._parameters.get("weight")
-        if weight is not None:
-            users.setdefault(id(weight), []).append(name)
+def check_untied(model: nn.Module, modules: list[str]) -> None:
+    """Scores and masks are per module: a weight tensor registered twice in `model` (tied, say to an
+    embedding) would be scored per use, each use seeing the others unpruned, while zeroing an entry zeroes
+    it in every use."""
+    uses: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(p), []).append(name)
     for name in modules:
         weight = model.get_submodule(name)._parameters.get("weight")
-        shared = [] if weight is None else users[id(weight)]
+        shared = [] if weight is None else uses.get(id(weight), [])
         if len(shared) > 1:
-            raise ValueError(f"modules {shared} share one weight tensor (tied weights): path-magnitude scores and "
-                             f"pruning masks are per module, and would miss what the other uses carry; select "
-                             f"none of them")
+            raise ValueError(f"parameters {shared} are one tensor (tied weights): path-magnitude scores and pruning "
+                             f"masks are per module, and would miss what the other uses carry; select none of them")
 
 
 def scores_from(graph: PathGraph, model: nn.Module, source: ParameterSource,

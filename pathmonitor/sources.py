@@ -40,10 +40,11 @@ class ModuleSource:
     when a module of another group is read), which makes every read a collective. With
     `buffers_from_rank_zero` every rank reads rank 0's running statistics; by default it does so exactly
     when the parameters are sharded (every rank takes part then anyway), so a plain or DDP model is read
-    locally, from any single rank."""
+    locally, from any single rank. With `keeps_alive=False` the source holds `root` weakly."""
 
-    def __init__(self, root: nn.Module, buffers_from_rank_zero: Optional[bool] = None):
-        self._root = weakref.ref(root)  # a source kept beside the model (a tracked model's) must not keep it alive
+    def __init__(self, root: nn.Module, buffers_from_rank_zero: Optional[bool] = None, *, keeps_alive: bool = True):
+        # a source kept beside the model for as long as it lives (a tracked model's) must not keep it alive
+        self._root: Callable[[], Optional[nn.Module]] = (lambda: root) if keeps_alive else weakref.ref(root)
         if buffers_from_rank_zero is None:
             buffers_from_rank_zero = is_sharded(root)
         self.buffers_from_rank_zero = buffers_from_rank_zero and world()[1] > 1
@@ -109,7 +110,7 @@ class ModuleSource:
         return {name: copies[id(m)] for name, m in named}
 
 
-def _alive(reference: "weakref.ref[nn.Module]") -> nn.Module:
+def _alive(reference: Callable[[], Optional[nn.Module]]) -> nn.Module:
     module = reference()
     if module is None:
         raise ReferenceError("the model this reads was deleted")

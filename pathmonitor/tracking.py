@@ -42,8 +42,8 @@ class TrackedModel:
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], *, synchronized: bool):
         self.input_shape = validated_input_shape(input_shape)
-        # holding the model weakly, like the source: `tracked` keeps one per live model, and must not keep it alive
-        self.source = ModuleSource(unwrapped(model), buffers_from_rank_zero=synchronized)
+        # the model held weakly: `tracked` keeps one per live model, and must not keep it alive
+        self.source = ModuleSource(unwrapped(model), buffers_from_rank_zero=synchronized, keeps_alive=False)
         self._moment: Hashable = None
         self._values: dict[Hashable, object] = {}
         self._constants: tuple[PathGraph, dict[str, int]] | None = None

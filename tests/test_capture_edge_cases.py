@@ -144,6 +144,17 @@ def test_huge_constant_factor_and_huge_q():
                                                                           rel=1e-12)
 
 
+def test_a_layer_whose_largest_w_to_the_q_underflows_to_zero_still_counts():
+    """|w|^q = (1e-40)^10 is 0 in float64 while the layer's paths carry half the path-norm (1e270 before it):
+    the plain pass must not take it for a layer of zeros."""
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.ReLU(), nn.Linear(1, 1)).double()
+    with torch.no_grad():
+        net[0].weight.fill_(1e27), net[2].weight.fill_(1e-40), net[2].bias.fill_(1e-13)
+    expected = (math.log(2) - 130 * math.log(10)) / 10  # 1e270 * 1e-400 + (1e-13)^10
+    assert float(pm.log_path_norm(net, (1,), q=10).detach()) == pytest.approx(expected, rel=1e-12)
+    assert float(pm.path_norm(net, (1,), q=10).detach()) == pytest.approx(math.exp(expected), rel=1e-12)
+
+
 def test_pruned_modules_use_their_current_mask_and_original():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))

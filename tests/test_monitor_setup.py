@@ -320,19 +320,36 @@ def test_a_second_save_at_one_step_after_the_weights_changed_moves_the_reference
     assert drift.last["pathmetric/drift"] == pytest.approx(pm.path_metric(model, reference, (1, 8, 8)).value, rel=1e-9)
 
 
-class Endless(torch.utils.data.IterableDataset):
+def test_a_save_after_another_stage_on_another_model_logs_no_drift(tmp_path):
+    drift = PathMetricDrift()
+    run = trainer(tmp_path, [drift], max_steps=2)
+    run.fit(DigitsNet(width=4), data())
+    run.validate(DigitsNet(width=4), data())
+    gc.collect()  # the fitted model is gone
+    last = dict(drift.last)
+    run.save_checkpoint(tmp_path / "after.ckpt")
+    assert drift.last == last and (tmp_path / "after.ckpt").exists()
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """40 samples, and no length."""
+
     def __iter__(self):
-        while True:
-            yield torch.rand(1, 8, 8), torch.tensor(0)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(40):
+            yield torch.rand(1, 8, 8, generator=generator) * 3, torch.tensor(0)
 
 
 def test_the_training_set_pass_reads_one_epoch_as_the_trainer_limits_it(tmp_path):
-    bound = GeneralizationBoundMonitor()
-    trainer(tmp_path, [bound], max_steps=2, limit_train_batches=2, limit_val_batches=0).fit(DigitsNet(width=4), data())
-    assert bound.n_samples == 2 * 32
-    with pytest.raises(MonitorError, match="pass n_samples= and input_bound="):
-        trainer(tmp_path, [GeneralizationBoundMonitor()], max_steps=2).fit(
-            DigitsNet(width=4), DataLoader(Endless(), batch_size=4))
+    runs = {}
+    for name, loader, limit in [("limited", data(), 2), ("stream", DataLoader(Stream(), batch_size=4), None),
+                                ("limited stream", DataLoader(Stream(), batch_size=4), 3)]:
+        runs[name] = GeneralizationBoundMonitor()
+        trainer(tmp_path, [runs[name]], max_steps=2, limit_train_batches=limit, limit_val_batches=0).fit(
+            DigitsNet(width=4), loader)
+    assert runs["limited"].n_samples == 2 * 32
+    assert runs["stream"].n_samples == 40 and 2.9 < runs["stream"].input_bound <= 3
+    assert runs["limited stream"].n_samples == 3 * 4
 
 
 def test_tracking_a_model_does_not_keep_it_alive():

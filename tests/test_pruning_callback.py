@@ -154,6 +154,21 @@ class MasksAtStart(pl.Callback):
         self.all_kept = all(bool(mask.all()) for mask in self.pruning.masks.values())
 
 
+class TiedToAnEmbedding(DigitsNet):
+    def __init__(self):
+        super().__init__(width=4)
+        self.embedding = nn.Embedding(self.net[-1].weight.shape[1], self.net[-1].weight.shape[0])
+        self.embedding.weight = self.net[-1].weight  # output-embedding tying: pruning would zero its entries too
+
+
+def test_a_weight_tied_outside_the_watched_module_is_refused_before_the_first_step(tmp_path):
+    counter = CountSteps()
+    with pytest.raises(MonitorError, match=r"\['net.10.weight', 'embedding.weight'\] are one tensor"):
+        trainer(tmp_path, [PathBudgetPruning(every_n_steps=2, module="net"), counter], max_steps=4).fit(
+            TiedToAnEmbedding(), data())
+    assert counter.steps == 0
+
+
 def test_weights_computed_at_every_forward_are_refused_before_the_first_step(tmp_path):
     counter = CountSteps()
     model = DigitsNet(width=4)

@@ -145,7 +145,7 @@ def test_tied_weights_are_refused_where_scores_and_masks_would_count_one_use():
     """Per-module masks and scores would each see the other use unpruned (a 0.1 budget let a round reach
     0.17): refused, while the untied layer stays scorable."""
     net = _Tied()
-    with pytest.raises(ValueError, match=r"\['a', 'b'\] share one weight tensor"):
+    with pytest.raises(ValueError, match=r"\['a.weight', 'b.weight'\] are one tensor"):
         round_of(net, (6,), full_masks(net, (6,)), 0.1)
     with pytest.raises(ValueError, match="tied weights"):
         pm.path_magnitude_scores(net, (6,), ["a.weight"])
