@@ -113,9 +113,10 @@ _REINDEX_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle
                     nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
 _LEAF_TYPES = AFFINE_TYPES + POOL_TYPES + _IDENTITY_MODULES + _REINDEX_MODULES + tuple(KNOWN_UNSUPPORTED_MODULES)
 
-_IDENTITY_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, operator.neg, torch.neg, F.dropout,
-                       F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
-_IDENTITY_METHODS = {"relu", "neg", "float", "double", "half", "bfloat16", "to", "type_as"}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+_IDENTITY_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, operator.neg, torch.neg} | _DROPOUT_FUNCTIONS
+_CAST_METHODS = {"float", "double", "half", "bfloat16", "to", "type_as"}
+_IDENTITY_METHODS = {"relu", "neg"} | _CAST_METHODS
 _SUM_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub}
 _SUM_METHODS = {"add", "sub", "__add__", "__sub__", "__radd__"}
 _SCALE_FUNCTIONS = {operator.mul: False, torch.mul: False, operator.truediv: True, torch.div: True}
@@ -229,7 +230,9 @@ class _Builder:
 
     # -- helpers -----------------------------------------------------------------------------
     def _current(self, n: fx.Node) -> fx.Node:
-        return self.latest.get(n, n)
+        while n in self.latest:  # a tensor changed in place, through itself or through an alias of it
+            n = self.latest[n]
+        return n
 
     def _refs(self, value: Any) -> Any:
         return fx.node.map_arg(value, lambda n: Ref(self.index[self._current(n)]))
@@ -287,9 +290,19 @@ class _Builder:
             self._reject(self._scope_name(node), _function_name(node.target) if node.op != "call_module"
                          else type(self.model.get_submodule(node.target)).__name__, problem)
             return None
+        if "out" in node.kwargs:
+            self._reject(self._scope_name(node), _function_name(node.target),
+                         "writes its result into out=, changing a tensor the path graph cannot follow; assign it")
+            return None
         op = self._module_op(node) if node.op == "call_module" else self._function_op(node)
         if op is not None and node.op == "call_method" and _in_place(node.target):
             return self._in_place(node, op)
+        if op is not None and self._returns_its_input(node):
+            # the same tensor under a second name: a later in-place change through either reaches both
+            self.latest[self._current(_split_input(node)[0])] = node
+        elif op is not None and self._may_return_a_view(node):
+            self.views.add(node)
+            self.viewed.update(self._activations(node))
         return op
 
     def _in_place(self, node: fx.Node, op: PathOp) -> Optional[PathOp]:
@@ -300,8 +313,31 @@ class _Builder:
             self._reject(self._scope_name(node), _function_name(node.target),
                          "modifies in place an activation that shares memory with a view; write it out of place")
             return None
-        self.latest[node.args[0]] = node
+        self.latest[base] = node
         return op
+
+    def _returns_its_input(self, node: fx.Node) -> bool:
+        """Whether the op hands back the very tensor it was given (an in-place ReLU, an identity, dropout
+        outside training), so that both names stay one tensor."""
+        if node.op == "call_module":
+            module = self.model.get_submodule(node.target)
+            return isinstance(module, _IDENTITY_MODULES) and not (isinstance(module, nn.ReLU) and not module.inplace)
+        if node.op != "call_function":
+            return False
+        settings = dict(zip(("input", "p", "training", "inplace"), node.args), **node.kwargs)
+        if node.target in (torch.relu_, F.relu_):
+            return True
+        if node.target is F.relu:
+            return bool(node.args[1] if len(node.args) > 1 else node.kwargs.get("inplace", False))
+        if node.target in _DROPOUT_FUNCTIONS:
+            return bool(settings.get("inplace", False)) or not settings.get("training", True)
+        return False
+
+    def _may_return_a_view(self, node: fx.Node) -> bool:
+        """Casts return their input when the dtype is already right, a flattening module a view of it."""
+        if node.op == "call_module":
+            return isinstance(self.model.get_submodule(node.target), (nn.Flatten, nn.Unflatten))
+        return node.op == "call_method" and node.target in _CAST_METHODS
 
     def _placeholder(self, node: fx.Node) -> Optional[PathOp]:
         self.inputs_seen += 1

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .distributed import gathering_in_order
 from .engine import exact_values, exact_walks
+from .errors import PathComputationError
 from .graph import PathGraph, capture
 from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
@@ -80,14 +81,18 @@ class _ComparingMagnitudes:
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
         with paired_edges(self.first, self.second, name, module) as pairs:
-            self._compare(pairs)
+            self._compare(name, pairs)
             yield magnitude(pairs[0][0]), magnitude(pairs[1][0])
 
-    def _compare(self, pairs: list[tuple]) -> None:
+    def _compare(self, name: str, pairs: list[tuple]) -> None:
         for x, y in pairs:
             if x is None:
                 continue
             x, y = common_dtype(x.detach(), y.detach())
+            # sign(NaN) is 0, which would pass every test below: the first network's own pass refuses its
+            # NaN, the second's is refused here
+            if not bool(torch.isfinite(y).all()):
+                raise PathComputationError(f"module {name!r} of the other network holds a NaN or infinite value")
             self.second_inside = self.second_inside and _between_zero_and(x, y)
             self.first_inside = self.first_inside and _between_zero_and(y, x)
             # where either flag still held, no sign differs; so only later tensors need a look
@@ -100,7 +105,7 @@ class _ComparingMagnitudes:
         with gathering_in_order(modules.values()):
             for name, module in modules.items():
                 with paired_edges(self.first, self.second, name, module) as pairs:
-                    self._compare(pairs)
+                    self._compare(name, pairs)
 
 
 def _envelopes(first: EdgeSource, second: EdgeSource) -> list[EdgeMagnitudes]:
@@ -215,8 +220,10 @@ def quantization_bound(model: nn.Module, quantize: Union[str, Callable[[Tensor],
     """Path-metric between the model and its quantized version, which certifies how far quantization
     can move the function (MATH.md section 3).
 
-    `quantize` is "bf16", "fp16", "int8" (per-output-channel symmetric round-to-nearest on weights of
-    two or more dimensions) or any function tensor -> tensor; it is applied to every weight and bias of
+    `quantize` is "bf16", "fp16", "int8" (per output channel, symmetric: scale max|w|/127, levels -127..127,
+    round-to-nearest, on weights of two or more dimensions; torch.ao's default observer uses -128..127
+    and max|w|/127.5, a different model: pass its quantizer, or path_metric the quantized model) or any
+    function tensor -> tensor; it is applied to every weight and bias of
     Linear / Conv / ConvTranspose / BatchNorm layers, one module at a time (running statistics stay)."""
     if isinstance(quantize, str):
         if quantize not in QUANTIZERS:

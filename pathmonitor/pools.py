@@ -52,6 +52,13 @@ def _tuple(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
+def _check_batched(x: Tensor, dims: int) -> None:
+    if x.dim() != dims + 2:
+        raise ValueError(f"a {dims}-d pooling of a tensor of {x.dim()} dimensions: the path model pools (batch, "
+                         f"channels, *{dims} spatial) tensors; keep the batch dimension (an unbatched input, or one "
+                         f"pooled across its channels, is not supported)")
+
+
 @dataclass(frozen=True)
 class WindowPool:
     """MaxPoolNd / AvgPoolNd: fixed windows."""
@@ -71,6 +78,7 @@ class WindowPool:
         return math.prod(self.kernel_size)
 
     def magnitudes(self, x: Tensor, q: float) -> Tensor:
+        _check_batched(x, self.dims)
         if self.reduce == "max":
             return self._window_sum(x)
         average = _AVG_POOL_FUNCTIONS[self.dims](x, *self._avg_arguments())
@@ -117,6 +125,7 @@ class AdaptivePool:
     output_size: tuple[Optional[int], ...]
 
     def magnitudes(self, x: Tensor, q: float) -> Tensor:
+        _check_batched(x, self.dims)
         average = _ADAPTIVE_AVG_FUNCTIONS[self.dims](x, self.output_size)
         exponent = 1 if self.reduce == "max" else 1 - q
         if exponent == 0:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .graph import OpKind, PathGraph, PathOp, capture, topology
 from .layers import BATCH_NORMS, CONVOLUTIONS, TRANSPOSED_CONVOLUTIONS
@@ -36,9 +38,11 @@ def _grouped(weight: Tensor, groups: int) -> Tensor:
 def _stored(module: nn.Module, name: str, key: str) -> Optional[Tensor]:
     """The tensor that holds a module's `key` and survives the next forward: `weight_orig` for a
     module pruned with torch.nn.utils.prune (its mask commutes with channel scaling)."""
-    if parametrize.is_parametrized(module, key):
-        raise ValueError(f"module {name!r} ({type(module).__name__}) has a parametrized {key}; "
-                         f"random_rescale cannot rescale it")
+    recomputed = any(isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == key
+                     for hook in module._forward_pre_hooks.values())
+    if parametrize.is_parametrized(module, key) or recomputed:
+        raise ValueError(f"module {name!r} ({type(module).__name__}) has a parametrized {key} (or one weight_norm "
+                         f"or spectral_norm recomputes at every forward); random_rescale cannot rescale it")
     original = getattr(module, f"{key}_orig", None)
     stored = original if isinstance(original, Tensor) else getattr(module, key, None)
     return None if stored is None else stored.data
@@ -80,9 +84,10 @@ def rescalable_pairs(graph: PathGraph, model: nn.Module) -> list[tuple[str, list
         for ref in op.refs():
             users.setdefault(ref.index, []).append(i)
     calls = Counter(graph.affine_modules())
+    tied = _holding_tied_tensors(model, calls)
     pairs = []
     for i, op in enumerate(graph.ops):
-        if op.kind is not OpKind.AFFINE or calls[op.target] > 1 or not _layer_layout(op, model):
+        if op.kind is not OpKind.AFFINE or calls[op.target] > 1 or op.target in tied or not _layer_layout(op, model):
             continue
         producer = model.get_submodule(op.target)
         if isinstance(producer, BATCH_NORMS) and not producer.affine:
@@ -90,14 +95,17 @@ def rescalable_pairs(graph: PathGraph, model: nn.Module) -> list[tuple[str, list
         # pools act on the dimensions after the channels: safe only where channels sit in dim 1 of a
         # tensor with spatial dimensions, which a Linear or a BatchNorm1d does not guarantee
         poolable = isinstance(producer, CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS + (nn.BatchNorm2d, nn.BatchNorm3d))
+        spatial = _spatial_dims(producer)
         consumers, frontier, admissible = [], list(users.get(i, [])), True
         while frontier and admissible:
             index = frontier.pop()
             user = graph.ops[index]
-            if user.kind in _CHANNEL_PRESERVING or (
-                    poolable and user.kind is OpKind.POOL and not isinstance(user.pool, MeanReduce)):
+            if user.kind in _CHANNEL_PRESERVING or (  # a pool of another rank would pool across channels
+                    poolable and user.kind is OpKind.POOL and not isinstance(user.pool, MeanReduce)
+                    and user.pool.dims == spatial):
                 frontier += users.get(index, [])
-            elif user.kind is OpKind.AFFINE and calls[user.target] == 1 and _layer_layout(user, model) and \
+            elif user.kind is OpKind.AFFINE and calls[user.target] == 1 and user.target not in tied and \
+                    _layer_layout(user, model) and \
                     _channels_last(model.get_submodule(user.target)) == _channels_last(producer):
                 consumers.append(user.target)
             else:
@@ -105,6 +113,23 @@ def rescalable_pairs(graph: PathGraph, model: nn.Module) -> list[tuple[str, list
         if admissible and consumers:
             pairs.append((op.target, sorted(set(consumers))))
     return pairs
+
+
+def _spatial_dims(module: nn.Module) -> int:
+    """The spatial dimensions of a conv's or a batch-norm's output (0 for others)."""
+    if isinstance(module, CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS):
+        return len(module.kernel_size)
+    return {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(module), 0)
+
+
+def _holding_tied_tensors(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """The modules among `names` holding a tensor another module holds too (tied): scaling it would
+    scale the other's."""
+    def tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+        return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+    registered = Counter(id(t) for _, t in tensors(model))
+    return {name for name in names if any(registered[id(t)] > 1 for _, t in tensors(model.get_submodule(name)))}
 
 
 def _layer_layout(op: PathOp, model: nn.Module) -> bool:

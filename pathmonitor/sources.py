@@ -79,6 +79,9 @@ class ModuleSource:
         if type(own) is not type(module):
             raise ParameterMismatchError(f"module {name!r} is a {type(own).__name__} in the other network, "
                              f"a {type(module).__name__} in the model")
+        if getattr(own, "eps", None) != getattr(module, "eps", None):  # batch-norm is folded with the model's
+            raise ParameterMismatchError(f"batch-norm {name!r} has eps={own.eps} in the other network, "
+                                         f"eps={module.eps} in the model")
         with gathered(own):
             tensors = {key: full(_effective(own, key)) for key in tensor_names(module)}
             if self.buffers_from_rank_zero:

@@ -130,6 +130,23 @@ class ShapedProxy(fx.Proxy):
         meta = self._known()
         return meta.numel() if meta is not None else self._symbolic("numel")
 
+    # `a += b` on a tensor changes `a` in place; fx proxies have no in-place operators, so Python would
+    # record `a = a + b` and miss the change any other name of that tensor sees
+    def __iadd__(self, other: Any) -> Any:
+        return self._in_place("add_", other) if self._known() is not None else self + other
+
+    def __isub__(self, other: Any) -> Any:
+        return self._in_place("sub_", other) if self._known() is not None else self - other
+
+    def __imul__(self, other: Any) -> Any:
+        return self._in_place("mul_", other) if self._known() is not None else self * other
+
+    def __itruediv__(self, other: Any) -> Any:
+        return self._in_place("div_", other) if self._known() is not None else self / other
+
+    def _in_place(self, method: str, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_method", method, (self, other), {})
+
     def __len__(self) -> int:
         meta = vars(self).get("_meta", _NO_META)
         if isinstance(meta, (Tensor, tuple, list)):

@@ -304,3 +304,80 @@ def test_in_place_change_of_a_viewed_tensor_is_rejected():
 
     with pytest.raises(pm.UnsupportedModelError, match="shares memory with a view"):
         pm.path_norm(nn.Sequential(nn.Linear(3, 4), Fn(step)), (3,))
+
+
+class _InPlace(nn.Module):
+    """`a`, then a change made in place through another name of its result, read through the first name."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.a, self.c, self.b, self.change = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(8, 1), change
+        self.relu, self.identity, self.dropout = nn.ReLU(inplace=True), nn.Identity(), nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.change(self, h, x)
+        return self.b(torch.cat([h, y], 1))
+
+
+def _residual_written_in_place(net, h, x):
+    h += net.c(x)  # a pre-activation residual block written as `x += f(x)`: its caller's tensor changes
+    return h
+
+
+def _through_an_alias(alias):
+    def change(net, h, x):
+        y = alias(net, h)
+        y.mul_(2)
+        return y
+    return change
+
+
+@pytest.mark.parametrize("change", [
+    _residual_written_in_place,
+    _through_an_alias(lambda net, h: net.relu(h)),
+    _through_an_alias(lambda net, h: net.identity(h)),
+    _through_an_alias(lambda net, h: net.dropout(h)),
+    _through_an_alias(lambda net, h: F.relu(h, inplace=True)),
+    _through_an_alias(lambda net, h: h.relu_()),
+], ids=["x += f(x)", "nn.ReLU(inplace=True)", "nn.Identity", "nn.Dropout", "F.relu(inplace=True)", "relu_"])
+def test_changes_in_place_through_another_name_of_a_tensor_reach_every_name(change):
+    """Checked against the |w| network run eagerly on ones, where the aliasing happens for real."""
+    torch.manual_seed(0)
+    net = _InPlace(change).eval()
+    surgery = copy.deepcopy(net).double()
+    with torch.no_grad():
+        for p in surgery.parameters():
+            p.abs_()
+        expected = float(surgery(torch.ones(1, 3, dtype=torch.float64)).sum())
+    assert float(pm.path_norm(net, (3,)).detach()) == pytest.approx(expected, rel=1e-12)
+
+
+def _added_to_a_slice(net, h, x):
+    part = h[:, :2]
+    part += net.c(x)[:, :2]  # changes h too
+    return h
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda net, h, x: torch.mul(h, 2, out=h), "out="),
+    (_added_to_a_slice, "shares memory with a view"),
+    (lambda net, h, x: h.float().mul_(2), "shares memory with a view"),
+], ids=["out=", "+= on a slice", "in place on a cast"])
+def test_in_place_changes_the_graph_cannot_follow_are_refused(change, problem):
+    with pytest.raises(pm.UnsupportedModelError, match=problem):
+        pm.path_norm(_InPlace(change).eval(), (3,))
+
+
+class _PoolWithoutBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(2, 3, 3), nn.AdaptiveMaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.conv(x)[0])  # (C, H, W): PyTorch pools it unbatched
+
+
+def test_a_pool_of_a_tensor_without_its_batch_dimension_is_refused():
+    with pytest.raises(pm.PathComputationError, match="keep the batch dimension"):
+        pm.path_norm(_PoolWithoutBatch(), (2, 5, 5))

@@ -370,3 +370,23 @@ def test_a_tracked_value_follows_parameters_replaced_by_other_tensors():
     net.load_state_dict(other.state_dict(), assign=True)
     after = tracked.at("now").path_norm(1).value
     assert after == float(pm.path_norm(other, (3,))) != before
+
+
+def test_a_nan_in_the_other_network_is_refused_not_read_as_equal():
+    """sign(NaN) is 0, so a NaN passed every coordinate test and the metric came out 0, exact."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other[0].bias[0] = math.nan
+    with pytest.raises(pm.PathComputationError, match="NaN or infinite"):
+        pm.path_metric(net, other, (3,))
+    with pytest.raises(pm.PathComputationError, match="NaN or infinite"):
+        pm.quantization_bound(net, lambda t: t * math.nan, (3,))
+
+
+def test_batch_norms_with_different_eps_are_refused():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    other = copy.deepcopy(net)
+    other[1].eps = 0.5
+    with pytest.raises(pm.ParameterMismatchError, match="eps=0.5 in the other network"):
+        pm.path_metric(net, other, (3,))

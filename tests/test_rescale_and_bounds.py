@@ -114,3 +114,49 @@ def test_random_rescale_never_pools_across_linear_features():
     with torch.no_grad():
         torch.testing.assert_close(rescaled(x), net(x))
     assert pm.rescale.rescalable_pairs(pm.rescale.topology(net), net) == []
+
+
+def _three_layers(tie: str) -> nn.Module:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).double()
+    if tie == "weight":
+        net[4].weight = net[0].weight
+    elif tie == "bias":
+        net[4].bias = net[0].bias
+    return net
+
+
+@pytest.mark.parametrize("tie", ["weight", "bias"])
+def test_rescaling_leaves_layers_with_tied_tensors_alone(tie):
+    """Scaling a tensor another layer holds too would scale that layer as well: the function changed by 441."""
+    torch.manual_seed(0)
+    net = _three_layers(tie)
+    rescaled = pm.random_rescale(net, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, 4, dtype=torch.float64)
+    torch.testing.assert_close(rescaled(x), net(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reparametrize", [torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm])
+def test_rescaling_refuses_weights_a_hook_recomputes(reparametrize):
+    net = _three_layers("")
+    reparametrize(net[2])
+    with torch.no_grad():  # a weight computed without autograd: the model can then be copied
+        net(torch.zeros(1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="recomputes at every forward"):
+        pm.random_rescale(net)
+
+
+class _PooledAcrossChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x):  # a 3-d pool of a 4-d tensor: unbatched, its window spans the channels
+        return self.b(torch.nn.functional.max_pool3d(self.a(x), (3, 1, 1), 1, (1, 0, 0)))
+
+
+def test_rescaling_leaves_channels_a_pool_mixes_alone():
+    torch.manual_seed(0)
+    net = _PooledAcrossChannels().double()
+    rescaled = pm.random_rescale(net, generator=torch.Generator().manual_seed(0), input_shape=(2, 6, 6))
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(rescaled(x), net(x), rtol=1e-12, atol=1e-12)
