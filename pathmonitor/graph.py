@@ -129,6 +129,9 @@ _REINDEX_FUNCTIONS = {torch.flatten, torch.cat, torch.concat, torch.concatenate,
 _REINDEX_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze",
                     "chunk", "split", "narrow", "select", "expand", "repeat", "flip", "roll", "t", "sum",
                     "view_as", "reshape_as", "expand_as", "__getitem__", "contiguous", "clone"}
+# re-indexing that always writes a new tensor: a change in place of its result or input reaches no other
+_COPYING_METHODS = {"repeat", "flip", "roll", "sum", "clone"}
+_COPYING_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.stack, torch.flip, torch.roll, torch.sum}
 _SHAPE_METHODS = {"size", "dim", "numel"}
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
 _TRANSPOSE_ATTRIBUTES = {"T", "mT"}
@@ -299,7 +302,7 @@ class _Builder:
             return self._in_place(node, op)
         if op is not None and self._returns_its_input(node):
             # the same tensor under a second name: a later in-place change through either reaches both
-            self.latest[self._current(_split_input(node)[0])] = node
+            self._alias(self._current(_split_input(node)[0]), node)
         elif op is not None and self._may_return_a_view(node):
             self.views.add(node)
             self.viewed.update(self._activations(node))
@@ -313,8 +316,17 @@ class _Builder:
             self._reject(self._scope_name(node), _function_name(node.target),
                          "modifies in place an activation that shares memory with a view; write it out of place")
             return None
-        self.latest[base] = node
+        self._alias(base, node)
         return op
+
+    def _alias(self, base: fx.Node, node: fx.Node) -> None:
+        """`node` holds the tensor `base` named, from now on: reads of either see it, and it shares
+        whatever memory `base` shared with a view."""
+        self.latest[base] = node
+        if base in self.views:
+            self.views.add(node)
+        if base in self.viewed:
+            self.viewed.add(node)
 
     def _returns_its_input(self, node: fx.Node) -> bool:
         """Whether the op hands back the very tensor it was given (an in-place ReLU, an identity, dropout
@@ -330,7 +342,8 @@ class _Builder:
         if node.target is F.relu:
             return bool(node.args[1] if len(node.args) > 1 else node.kwargs.get("inplace", False))
         if node.target in _DROPOUT_FUNCTIONS:
-            return bool(settings.get("inplace", False)) or not settings.get("training", True)
+            inert = not settings.get("training", True) or settings.get("p", 0.5) == 0
+            return bool(settings.get("inplace", False)) or inert
         return False
 
     def _may_return_a_view(self, node: fx.Node) -> bool:
@@ -463,8 +476,9 @@ class _Builder:
             return self._scale(node, label, what, divides)
         if (name in _REINDEX_METHODS) if is_method else (target in _REINDEX_FUNCTIONS):
             fn = getattr(torch.Tensor, name) if is_method else target
-            self.views.add(node)
-            self.viewed.update(self._activations(node))
+            if not ((name in _COPYING_METHODS) if is_method else (target in _COPYING_FUNCTIONS)):
+                self.views.add(node)
+                self.viewed.update(self._activations(node))
             return self._make(node, OpKind.LINEAR, label, fn=fn)
         if (name == "mean") if is_method else (target in _MEAN_FUNCTIONS):
             return self._mean(node, label, what)
@@ -518,6 +532,8 @@ class _Builder:
             self.shape_like.add(node)
             return self._make(node, OpKind.VALUE, label, fn=builtins.getattr)
         if attribute in _TRANSPOSE_ATTRIBUTES:
+            self.views.add(node)
+            self.viewed.update(self._activations(node))
             return self._make(node, OpKind.LINEAR, label, fn=builtins.getattr)
         self._reject(self._scope_name(node), f"{what} {attribute!r}", "reads a tensor attribute outside the path model")
         return None

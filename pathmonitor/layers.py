@@ -62,6 +62,17 @@ def parameter_name(module_name: str, key: str) -> str:
     return f"{module_name}.{key}" if module_name else key
 
 
+def tensor_holders(model: nn.Module) -> dict[int, list[str]]:
+    """For every parameter and buffer of `model` (by id), the qualified names under which distinct modules
+    hold it: more than one means tied tensors (a module registered under two names counts once)."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for key, t in (*module._parameters.items(), *module._buffers.items()):
+            if t is not None:
+                holders.setdefault(id(t), []).append(parameter_name(module_name, key))
+    return holders
+
+
 def tensor_names(module: nn.Module) -> tuple[str, ...]:
     """Names of the tensors of `module` that define its edge weights and biases."""
     return _BATCH_NORM_TENSORS if isinstance(module, BATCH_NORMS) else _WEIGHTED_TENSORS

@@ -17,7 +17,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .graph import OpKind, PathGraph, PathOp, capture, topology
-from .layers import BATCH_NORMS, CONVOLUTIONS, TRANSPOSED_CONVOLUTIONS
+from .layers import BATCH_NORMS, CONVOLUTIONS, TRANSPOSED_CONVOLUTIONS, tensor_holders
 from .norms import unwrapped
 from .pools import MeanReduce
 
@@ -125,11 +125,10 @@ def _spatial_dims(module: nn.Module) -> int:
 def _holding_tied_tensors(model: nn.Module, names: Iterable[str]) -> set[str]:
     """The modules among `names` holding a tensor another module holds too (tied): scaling it would
     scale the other's."""
-    def tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
-        return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-
-    registered = Counter(id(t) for _, t in tensors(model))
-    return {name for name in names if any(registered[id(t)] > 1 for _, t in tensors(model.get_submodule(name)))}
+    holders = tensor_holders(model)
+    return {name for name in names
+            if any(len(holders.get(id(t), ())) > 1 for t in (*model.get_submodule(name)._parameters.values(),
+                                                              *model.get_submodule(name)._buffers.values()))}
 
 
 def _layer_layout(op: PathOp, model: nn.Module) -> bool:

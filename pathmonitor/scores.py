@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .engine import log_total
 from .graph import OpKind, PathGraph, capture, longest_path
-from .layers import BATCH_NORMS, parameter_name
+from .layers import BATCH_NORMS, parameter_name, tensor_holders
 from .logmath import exceeds_float64, exp_or_inf
 from .norms import PathNormOverflowWarning, unwrapped, validated_input_shape
 from .sources import ModuleSource, ParameterEdges, ParameterSource, ScoringMagnitudes
@@ -61,15 +61,13 @@ def _check_single_crossing(graph: PathGraph, modules: list[str]) -> None:
 
 
 def check_untied(model: nn.Module, modules: list[str]) -> None:
-    """Scores and masks are per module: a weight tensor registered twice in `model` (tied, say to an
+    """Scores and masks are per module: a weight tensor two modules of `model` hold (tied, say to an
     embedding) would be scored per use, each use seeing the others unpruned, while zeroing an entry zeroes
     it in every use."""
-    uses: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        uses.setdefault(id(p), []).append(name)
+    holders = tensor_holders(model)
     for name in modules:
         weight = model.get_submodule(name)._parameters.get("weight")
-        shared = [] if weight is None else uses.get(id(weight), [])
+        shared = [] if weight is None else holders.get(id(weight), [])
         if len(shared) > 1:
             raise ValueError(f"parameters {shared} are one tensor (tied weights): path-magnitude scores and pruning "
                              f"masks are per module, and would miss what the other uses carry; select none of them")

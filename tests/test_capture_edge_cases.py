@@ -333,14 +333,23 @@ def _through_an_alias(alias):
     return change
 
 
+def _copied_then_changed(net, h, x):
+    copy = h.clone()  # a copy: the change below does not reach it
+    h += net.c(x)
+    return copy
+
+
 @pytest.mark.parametrize("change", [
     _residual_written_in_place,
+    _copied_then_changed,
+    _through_an_alias(lambda net, h: F.dropout(h, 0.0)),
     _through_an_alias(lambda net, h: net.relu(h)),
     _through_an_alias(lambda net, h: net.identity(h)),
     _through_an_alias(lambda net, h: net.dropout(h)),
     _through_an_alias(lambda net, h: F.relu(h, inplace=True)),
     _through_an_alias(lambda net, h: h.relu_()),
-], ids=["x += f(x)", "nn.ReLU(inplace=True)", "nn.Identity", "nn.Dropout", "F.relu(inplace=True)", "relu_"])
+], ids=["x += f(x)", "a copy, then x += f(x)", "F.dropout(p=0)", "nn.ReLU(inplace=True)", "nn.Identity", "nn.Dropout",
+        "F.relu(inplace=True)", "relu_"])
 def test_changes_in_place_through_another_name_of_a_tensor_reach_every_name(change):
     """Checked against the |w| network run eagerly on ones, where the aliasing happens for real."""
     torch.manual_seed(0)
@@ -359,11 +368,18 @@ def _added_to_a_slice(net, h, x):
     return h
 
 
+def _viewed_then_changed_through_an_alias(net, h, x):
+    part = h[:, :2]
+    net.identity(h).mul_(2)  # reaches `part` too
+    return torch.cat([part, part], 1)
+
+
 @pytest.mark.parametrize("change,problem", [
     (lambda net, h, x: torch.mul(h, 2, out=h), "out="),
     (_added_to_a_slice, "shares memory with a view"),
+    (_viewed_then_changed_through_an_alias, "shares memory with a view"),
     (lambda net, h, x: h.float().mul_(2), "shares memory with a view"),
-], ids=["out=", "+= on a slice", "in place on a cast"])
+], ids=["out=", "+= on a slice", "a view, then in place through an alias", "in place on a cast"])
 def test_in_place_changes_the_graph_cannot_follow_are_refused(change, problem):
     with pytest.raises(pm.UnsupportedModelError, match=problem):
         pm.path_norm(_InPlace(change).eval(), (3,))

@@ -150,3 +150,18 @@ def test_tied_weights_are_refused_where_scores_and_masks_would_count_one_use():
     with pytest.raises(ValueError, match="tied weights"):
         pm.path_magnitude_scores(net, (6,), ["a.weight"])
     assert pm.path_magnitude_scores(net, (6,), ["c.weight"])["c.weight"].shape == (2, 6)
+
+
+class _TwoNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 2)
+        self.layers = nn.ModuleList([self.a])  # `a` again, as MONAI's DynUNet keeps its layers
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_module_registered_under_two_names_is_not_tied():
+    scores = pm.path_magnitude_scores(_TwoNames(), (6,), ["a.weight"])
+    assert scores["a.weight"].shape == (6, 6)
