@@ -131,9 +131,10 @@ def training_set_statistics(trainer: "pl.Trainer", pl_module: "pl.LightningModul
         raise MonitorError("GeneralizationBoundMonitor found no training dataloader: pass n_samples= and "
                            "input_bound=")
     batches = trainer.num_training_batches  # this rank's, after limit_train_batches; inf without a length
+    count = None if math.isinf(batches) else int(batches)
     seen, largest = 0, 0.0
-    with preserved_random_state([loader]), batches_of(loader, None if math.isinf(batches) else int(batches)) as epoch:
-        bar = tqdm(epoch, total=None if math.isinf(batches) else int(batches), file=sys.stderr, leave=False,
+    with preserved_random_state([loader]), batches_of(loader, count) as epoch:
+        bar = tqdm(epoch, total=count, file=sys.stderr, leave=False,
                    desc="pathmonitor: n and max |x| of the training set (pass n_samples= and input_bound= to skip)",
                    disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
         for batch in bar:

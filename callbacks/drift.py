@@ -112,9 +112,10 @@ class PathMetricDrift(PathCallback):
         if (self._tracked is None or self._reference is None or trainer.state.fn != "fit"
                 or not self._tracked.is_of(self.watched_module(pl_module))):
             return  # not training (a save after another stage, on another model, say)
-        if self._save_moment(trainer) == self._saved_at:
+        at = self._save_moment(trainer)
+        if at == self._saved_at:
             return  # these weights were already saved at this step (e.g. a second file)
-        self._saved_at, self.saved_step = self._save_moment(trainer), trainer.global_step
+        self._saved_at, self.saved_step = at, trainer.global_step
         try:
             self._log(trainer)
         except PathComputationError as error:  # the weights decide it, so every rank takes this branch
@@ -134,9 +135,10 @@ class PathMetricDrift(PathCallback):
         self.reference_epoch = trainer.current_epoch
 
     def _log(self, trainer: "pl.Trainer") -> None:
-        if trainer.global_step == self.last_step and self._save_moment(trainer) == self._logged_at:
+        at = self._save_moment(trainer)
+        if at == self._logged_at:
             return  # the same weights at the same step: logged already (every n steps, then a save)
-        self._logged_at = self._save_moment(trainer)
+        self._logged_at = at
         tracked = self.now(trainer)
         metric = tracked.path_metric(self._reference)
         values = {f"{self.prefix}/drift": metric.value, f"{self.prefix}/drift_relative": metric.relative,

@@ -21,7 +21,7 @@ from .layers import BATCH_NORMS
 from .logmath import exp_or_inf
 from .norms import log_path_norm, unwrapped, validated_input_shape
 from .pools import AdaptivePool, WindowPool
-from .sources import MetaSource, ParameterEdges, AbsoluteMagnitudes
+from .sources import AbsoluteMagnitudes, MetaSource, ParameterEdges
 
 
 @dataclass(frozen=True)

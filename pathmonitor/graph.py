@@ -336,12 +336,12 @@ class _Builder:
             return isinstance(module, _IDENTITY_MODULES) and not (isinstance(module, nn.ReLU) and not module.inplace)
         if node.op != "call_function":
             return False
-        settings = dict(zip(("input", "p", "training", "inplace"), node.args), **node.kwargs)
         if node.target in (torch.relu_, F.relu_):
             return True
         if node.target is F.relu:
-            return bool(node.args[1] if len(node.args) > 1 else node.kwargs.get("inplace", False))
+            return bool(dict(zip(("input", "inplace"), node.args), **node.kwargs).get("inplace", False))
         if node.target in _DROPOUT_FUNCTIONS:
+            settings = dict(zip(("input", "p", "training", "inplace"), node.args), **node.kwargs)
             inert = not settings.get("training", True) or settings.get("p", 0.5) == 0
             return bool(settings.get("inplace", False)) or inert
         return False

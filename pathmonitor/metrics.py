@@ -21,8 +21,8 @@ from .graph import PathGraph, capture
 from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
 from .norms import norm_and_log_of, unwrapped, validated_input_shape
-from .sources import (EdgeMagnitudes, Edges, EdgeSource, Envelopes, ModuleSource, ParameterEdges,
-                      ParameterSource, AbsoluteMagnitudes, SignSplitEdges, StateDictSource, TransformedSource,
+from .sources import (AbsoluteMagnitudes, EdgeMagnitudes, Edges, EdgeSource, Envelopes, ModuleSource,
+                      ParameterEdges, ParameterSource, SignSplitEdges, StateDictSource, TransformedSource,
                       common_dtype, magnitude, paired_edges)
 
 Kind = Literal["pruning", "same_sign", "general"]

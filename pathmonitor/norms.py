@@ -13,7 +13,7 @@ from .engine import Scaled, evaluate, exact_values, is_precise, log_of
 from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import PathGraph, PerGraph, capture, check_graph
 from .layers import tensor_names
-from .sources import MetaSource, ModuleSource, ParameterEdges, ParameterSource, AbsoluteMagnitudes
+from .sources import AbsoluteMagnitudes, MetaSource, ModuleSource, ParameterEdges, ParameterSource
 
 
 class PathNormOverflowWarning(RuntimeWarning):

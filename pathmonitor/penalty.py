@@ -25,7 +25,7 @@ from .errors import PathComputationError
 from .graph import OpKind, PathGraph, PathOp, capture
 from .layers import parameter_name
 from .norms import norm_of, unwrapped, validated_input_shape, validated_q
-from .sources import ModuleSource, ParameterEdges, ParameterSource, AbsoluteMagnitudes, Tensors
+from .sources import AbsoluteMagnitudes, ModuleSource, ParameterEdges, ParameterSource, Tensors
 
 GradientSink = Callable[[str, nn.Parameter, Tensor], None]
 

@@ -93,16 +93,14 @@ def rescalable_pairs(graph: PathGraph, model: nn.Module) -> list[tuple[str, list
         if isinstance(producer, BATCH_NORMS) and not producer.affine:
             continue
         # pools act on the dimensions after the channels: safe only where channels sit in dim 1 of a
-        # tensor with spatial dimensions, which a Linear or a BatchNorm1d does not guarantee
-        poolable = isinstance(producer, CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS + (nn.BatchNorm2d, nn.BatchNorm3d))
+        # tensor with spatial dimensions (not a Linear's, nor a BatchNorm1d's), and pool exactly those
         spatial = _spatial_dims(producer)
         consumers, frontier, admissible = [], list(users.get(i, [])), True
         while frontier and admissible:
             index = frontier.pop()
             user = graph.ops[index]
-            if user.kind in _CHANNEL_PRESERVING or (  # a pool of another rank would pool across channels
-                    poolable and user.kind is OpKind.POOL and not isinstance(user.pool, MeanReduce)
-                    and user.pool.dims == spatial):
+            if user.kind in _CHANNEL_PRESERVING or (
+                    user.kind is OpKind.POOL and not isinstance(user.pool, MeanReduce) and user.pool.dims == spatial):
                 frontier += users.get(index, [])
             elif user.kind is OpKind.AFFINE and calls[user.target] == 1 and user.target not in tied and \
                     _layer_layout(user, model) and \
@@ -116,19 +114,21 @@ def rescalable_pairs(graph: PathGraph, model: nn.Module) -> list[tuple[str, list
 
 
 def _spatial_dims(module: nn.Module) -> int:
-    """The spatial dimensions of a conv's or a batch-norm's output (0 for others)."""
+    """The spatial dimensions of a conv's or a 2-d / 3-d batch-norm's output (0 for any other layer)."""
     if isinstance(module, CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS):
         return len(module.kernel_size)
-    return {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(module), 0)
+    return 2 if isinstance(module, nn.BatchNorm2d) else 3 if isinstance(module, nn.BatchNorm3d) else 0
 
 
 def _holding_tied_tensors(model: nn.Module, names: Iterable[str]) -> set[str]:
     """The modules among `names` holding a tensor another module holds too (tied): scaling it would
     scale the other's."""
     holders = tensor_holders(model)
-    return {name for name in names
-            if any(len(holders.get(id(t), ())) > 1 for t in (*model.get_submodule(name)._parameters.values(),
-                                                              *model.get_submodule(name)._buffers.values()))}
+
+    def tied(module: nn.Module) -> bool:
+        return any(len(holders.get(id(t), ())) > 1 for t in (*module._parameters.values(), *module._buffers.values()))
+
+    return {name for name in names if tied(model.get_submodule(name))}
 
 
 def _layer_layout(op: PathOp, model: nn.Module) -> bool:
