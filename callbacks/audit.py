@@ -22,8 +22,8 @@ import torch
 
 import pathmonitor as pm
 from pathmonitor.graph import capture
-from pathmonitor.metrics import certified_change
-from pathmonitor.norms import norm_and_log, validated_input_shape, validated_q
+from pathmonitor.metrics import certified_change, metric_and_norm
+from pathmonitor.norms import norm_and_log, validated_input_shape
 from pathmonitor.sources import ModuleSource
 
 from .values import example_input_shape, exponent_tag, log10
@@ -82,7 +82,7 @@ class Progress:
 
 
 def _steps(args: argparse.Namespace) -> int:
-    return {"norm": 1 + len(getattr(args, "q", [])), "drift": 3, "report": 1}.get(args.command, 2)
+    return {"norm": 1 + len(getattr(args, "q", [])), "drift": 4, "report": 1}.get(args.command, 2)
 
 
 # -- the subcommands -------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def norm(args: argparse.Namespace, progress: Progress) -> dict:
     graph, norms = capture(loaded.model, shape), {}
     for q in args.q:
         with progress.step(f"L{exponent_tag(q)} path-norm"):
-            value, log_value = norm_and_log(graph, loaded.model, ModuleSource(loaded.model), validated_q(q))
+            value, log_value = norm_and_log(graph, loaded.model, ModuleSource(loaded.model), q)
         norms[f"l{exponent_tag(q)}"] = _finite_or_none(value)
         norms[f"log10_l{exponent_tag(q)}"] = _log10(log_value)
     return {"command": "norm", **_describe(loaded, shape), "norms": norms}
@@ -101,10 +101,14 @@ def norm(args: argparse.Namespace, progress: Progress) -> dict:
 def drift(args: argparse.Namespace, progress: Progress) -> dict:
     """pm.path_metric(NEW, OLD): the current weights first, the reference second (MATH.md section 3)."""
     new, shape = _load(args.new, args, progress)
+    graph, source = capture(new.model, shape), ModuleSource(new.model)
+    # NEW alone first, so that its own problems (NaN weights, an input shape it does not take) name NEW, not OLD
+    with progress.step(f"L1 path-norm of {args.new.name}", args.new):
+        norm_new = norm_and_log(graph, new.model, source, 1.0)
     with progress.step(f"reading {args.old.name}", args.old):
         old = load_model(args.old, args.model, like=new)  # a bare state_dict is read into NEW's architecture
-    with progress.step("path-metric", args.old):  # what can fail now is OLD's fit to NEW's architecture
-        metric = pm.path_metric(new.model, old.model, shape)
+    with progress.step("path-metric", args.old):  # what can fail now is OLD: its values, its fit to NEW's architecture
+        metric, _ = metric_and_norm(graph, new.model, source, ModuleSource(old.model), norm_new)
     result = {"command": "drift", "old": str(old.path), "new": str(new.path), "input_shape": list(shape),
               "value": _finite_or_none(metric.value), "log10_value": _log10(metric.log_value),
               "relative": _finite_or_none(metric.relative), "exact": metric.exact, "kind": metric.kind}
@@ -170,7 +174,7 @@ def quantize(args: argparse.Namespace, progress: Progress) -> dict:
 
 
 def report(args: argparse.Namespace, progress: Progress) -> dict:
-    """A figure of a run's logged path-norm, drift, bound and gap, and sparsity."""
+    """A figure of a run's logged path-norm, drift, bound and gap, sparsity and regularizer penalty."""
     from .report import write_report
 
     if args.output.is_dir():
@@ -234,18 +238,19 @@ class _OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def _at_least(minimum: float, *, integer: bool = False, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number (an integer) >= `minimum` (> with `strict`), checked before any file
+    is read; argparse names it in "invalid integer value: 'abc'"."""
+    kind, relation = ("an integer" if integer else "a finite number"), (">" if strict else ">=")
 
+    def convert(text: str) -> float:
+        value = int(text) if integer else float(text)  # a ValueError: argparse's "invalid <name> value"
+        if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+            raise argparse.ArgumentTypeError(f"must be {kind} {relation} {minimum:g}, got {text}")
+        return value
 
-def _bound(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+    convert.__name__ = "integer" if integer else "number"
+    return convert
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -258,9 +263,9 @@ def _parser() -> argparse.ArgumentParser:
         for argument in checkpoints:
             sub.add_argument(argument, type=Path, help="a Lightning .ckpt, a DeepSpeed checkpoint directory or a "
                                                        "state_dict file")
-        sub.add_argument("--model", help="package.module:ClassName of the model (default: the class LightningCLI "
-                                         "recorded in the checkpoint)")
-        sub.add_argument("--input-shape", type=int, nargs="+", metavar="N",
+        sub.add_argument("--model", help="package.module:ClassName of the model, or package.module:function returning "
+                                         "it (default: the class LightningCLI recorded in the checkpoint)")
+        sub.add_argument("--input-shape", type=_at_least(1, integer=True), nargs="+", metavar="N",
                          help="one input's shape without the batch dimension (default: the model's "
                               "example_input_array)")
         _common(sub)
@@ -268,21 +273,24 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     command("norm", norm, "the path-norms of a checkpoint").add_argument(
-        "--q", type=float, nargs="+", default=[1.0], help="exponents (default: 1)")
+        "--q", type=_at_least(1), nargs="+", default=[1.0], help="exponents, each >= 1 (default: 1)")
     command("drift", drift, "the path-metric between two checkpoints: how far the function can have moved",
             checkpoints=("old", "new")).add_argument(
-        "--input-bound", type=_bound, help="B >= max ||x||_inf of the inputs: adds the certified function change")
+        "--input-bound", type=_at_least(0), help="B >= max ||x||_inf of the inputs: adds the certified function "
+                                                 "change")
     command("scores", scores, "per layer, sparsity and share of path mass; the weights with the least and most"
-            ).add_argument("--top", type=_count, default=20, help="how many weights to list at each end (default 20)")
+            ).add_argument("--top", type=_at_least(0, integer=True), default=20,
+                           help="how many weights to list at each end (default 20)")
     sub = command("bound", bound, "the generalization bound of a checkpoint, with its constants")
-    sub.add_argument("--n-samples", type=int, required=True, help="training-set size n")
-    sub.add_argument("--input-bound", type=_bound, required=True, help="B >= max ||x||_inf of the inputs")
+    sub.add_argument("--n-samples", type=_at_least(1, integer=True), required=True, help="training-set size n")
+    sub.add_argument("--input-bound", type=_at_least(0, strict=True), required=True,
+                     help="B >= max ||x||_inf of the inputs, > 0")
     sub.add_argument("--sharpened", action="store_true", help="the sharpened constants of MATH.md section 5")
     command("quantize", quantize, "the certificate for quantizing a checkpoint's weights").add_argument(
         "--dtype", choices=("bf16", "fp16", "int8"), required=True)
-    sub = commands.add_parser("report", help="a figure of a run's path-norm, drift, bound vs gap and sparsity",
-                              description="a figure of a run's path-norm, drift, bound vs gap and sparsity, read "
-                                          "from the TensorBoard event files the callbacks wrote")
+    text = "a figure of a run's path-norm, drift, bound vs gap, sparsity and regularizer penalty"
+    sub = commands.add_parser("report", help=text,
+                              description=f"{text}, read from the TensorBoard event files the callbacks wrote")
     sub.add_argument("logdir", type=Path, help="the run's log directory (e.g. runs/digits/version_0)")
     sub.add_argument("-o", "--output", type=Path, default=Path("report.png"), help="the PNG to write")
     _common(sub)

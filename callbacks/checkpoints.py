@@ -2,11 +2,11 @@
 
 Three kinds of files: a Lightning checkpoint (`.ckpt`, one file), a DeepSpeed checkpoint directory as
 Lightning's DeepSpeed strategy writes it (consolidated in memory with DeepSpeed's own
-`get_fp32_state_dict_from_zero_checkpoint`), and a plain `state_dict` file. The model's class comes from
-`--model package.module:ClassName`, else from the checkpoint's hyper-parameters when LightningCLI wrote
-it (their `_class_path`). Pruning masks a `PathBudgetPruning` saved in the checkpoint are applied, and
-`torch.nn.utils.prune`'s `weight_orig` / `weight_mask` pairs are folded into `weight`. Every failure is
-an `AuditError` naming the file and the problem.
+`get_fp32_state_dict_from_zero_checkpoint`), and a plain `state_dict` file. The model comes from
+`--model package.module:ClassName` (or a function returning the model), else from the checkpoint's
+hyper-parameters when LightningCLI wrote it (their `_class_path`). Pruning masks a `PathBudgetPruning`
+saved in the checkpoint are applied, and `torch.nn.utils.prune`'s `weight_orig` / `weight_mask` pairs are
+folded into `weight`. Every failure is an `AuditError` naming the file and the problem.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,7 @@ class Loaded:
     model: nn.Module
     path: Path
     kind: str  # "lightning", "deepspeed" or "state_dict"
-    masks_applied: int  # how many weights a PathBudgetPruning mask was applied to
+    masks_applied: int  # how many weights a saved PathBudgetPruning mask pruned entries of
     hyper_parameters: Mapping[str, Any]
 
 
@@ -162,39 +162,41 @@ def _deepspeed_client_state(tag_dir: Path) -> Mapping[str, Any]:
 
 def _instantiate(path: Path, spec: Optional[str], hyper_parameters: Mapping[str, Any]) -> nn.Module:
     """`--model` (else the class LightningCLI recorded) built with every recorded hyper-parameter, nested
-    `class_path` / `init_args` ones through LightningCLI's own instantiator when it recorded one."""
+    `class_path` / `init_args` ones of a class through LightningCLI's own instantiator when it recorded one."""
     arguments = dict(hyper_parameters)
     class_path, instantiator = arguments.pop("_class_path", None), arguments.pop("_instantiator", None)
     if spec is None and class_path is None:
         raise AuditError(path, "the checkpoint does not name its model's class: pass --model package.module:ClassName")
-    cls = _import_class(path, spec, "--model") if spec is not None else _import_class(
+    build = _import_builder(path, spec, "--model") if spec is not None else _import_builder(
         path, class_path, "the checkpoint's _class_path (pass --model package.module:ClassName to override it)")
+    name = getattr(build, "__name__", repr(build))
     try:
         with quiet():
-            if instantiator is not None:
+            if instantiator is not None and isinstance(build, type):
                 from pytorch_lightning.cli import instantiate_module
 
-                model = instantiate_module(cls, arguments)
+                model = instantiate_module(build, arguments)
             else:
-                model = cls(**arguments)
+                model = build(**arguments)
     except Exception as error:
-        raise AuditError(path, f"cannot build {cls.__name__} from the checkpoint's hyper-parameters "
+        raise AuditError(path, f"cannot build {name} from the checkpoint's hyper-parameters "
                                f"{reprlib.repr(arguments)}: {_first_line(error)}") from None
     if not isinstance(model, nn.Module):
-        raise AuditError(path, f"{cls.__name__} is not a torch.nn.Module")
+        raise AuditError(path, f"{name} gives a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def _import_class(path: Path, spec: str, given_as: str) -> type:
+def _import_builder(path: Path, spec: str, given_as: str) -> Callable[..., Any]:
+    """The class, or the function returning the model, that `spec` (package.module:name) names."""
     module_name, _, name = spec.rpartition(":" if ":" in spec else ".")
     try:
         with quiet():
             found = getattr(importlib.import_module(module_name), name)
     except Exception as error:  # importing user code can raise anything
-        raise AuditError(path, f"cannot import the model class {spec!r} named by {given_as} "
+        raise AuditError(path, f"cannot import the model {spec!r} named by {given_as} "
                                f"({type(error).__name__}: {_first_line(error)})") from None
-    if not isinstance(found, type):
-        raise AuditError(path, f"{spec!r} named by {given_as} is not a class")
+    if not callable(found):
+        raise AuditError(path, f"{spec!r} named by {given_as} is neither a class nor a function returning the model")
     return found
 
 
@@ -227,6 +229,8 @@ def _apply_pruning_masks(path: Path, model: nn.Module, callbacks: Mapping[str, A
             if tuple(mask.shape) != tuple(weight.shape):
                 raise AuditError(path, f"its pruning mask for {qualified} has shape {tuple(mask.shape)}, the weight "
                                        f"{tuple(weight.shape)}")
+            if bool(mask.all()):
+                continue  # saved before any round (or one that spared this layer): nothing to apply
             with torch.no_grad():
                 weight.mul_(mask.to(weight.device, torch.bool))
             applied += 1

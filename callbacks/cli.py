@@ -13,11 +13,14 @@ from .audit import COMMANDS
 from .audit import main as audit_main
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+OWN_COMMANDS = ("demo", "certify-demo")
+
 OVERVIEW = """pathmonitor trains with path quantities in view, and audits what training left.
 
 training, through LightningCLI (`pathmonitor fit --help` lists its options):
   pathmonitor fit --config configs/digits.yaml   also validate, test, predict; configs stack
-  pathmonitor demo [--config CONFIG ...]         the demo config next to its dense twin, compared
+  pathmonitor demo [-c|--config CONFIG ...]      the demo config next to its dense twin, compared
   pathmonitor certify-demo                       path-norms of torchvision models, a certified pruning
                                                  and quantizations of ResNet-18
 
@@ -29,10 +32,12 @@ def main(args: Optional[Sequence[str]] = None) -> None:
     if argv in ([], ["-h"], ["--help"]):
         print(OVERVIEW)
         sys.exit(audit_main(["--help"]))
+    if not argv[0].startswith("-") and argv[0] not in (*LIGHTNING_COMMANDS, *OWN_COMMANDS, *COMMANDS):
+        unknown_command(argv[0])
     if argv[:1] == ["certify-demo"]:
         from pathmonitor.demo import main as certify_demo
 
-        certify_demo()
+        certify_demo(argv[1:])
         return
     if argv[:1] and argv[0] in COMMANDS:  # the audit needs no Lightning: its answers come without that import
         sys.exit(audit_main(argv))
@@ -42,6 +47,13 @@ def main(args: Optional[Sequence[str]] = None) -> None:
         demo(argv[1:])
         return
     lightning_cli(argv)
+
+
+def unknown_command(name: str) -> None:
+    """End as a usage mistake does: one line naming every command, exit code 2."""
+    commands = ", ".join((*LIGHTNING_COMMANDS, *OWN_COMMANDS, *COMMANDS))
+    print(f"pathmonitor: unknown command {name!r}; the commands are {commands} (see --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Passes over the training and validation data: the training-set constants of the bound (n, B) and a
 measured accuracy gap. They read the trainer's own dataloaders (their samplers, batch sizes, workers
 and augmentations), each rank its own shard, and reduce the results across ranks, so they are
-identical everywhere. The random states those loaders draw from (torch's on the CPU and the current
-GPU, NumPy's, Python's, and the loaders' and samplers' own generators) are saved before and restored
-after, so the run then trains on the batches it would have seen without the monitor."""
+identical everywhere. Batches reach the network as in training: converted to the trainer's precision
+and through the batch-transfer hooks when the module or datamodule overrides any. The random states
+those loaders draw from (torch's on the CPU and the current GPU, NumPy's, Python's, and every generator
+the loaders, samplers and datasets hold) are saved before and restored after, so the run then trains on
+the batches it would have seen without the monitor."""
 from __future__ import annotations
 
 import contextlib
@@ -11,16 +13,21 @@ import itertools
 import math
 import random
 import sys
-from typing import Any, Iterable, Iterator, Mapping, Optional
+import types
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from lightning_fabric.utilities.data import sized_len
-from pytorch_lightning.utilities import rank_zero_warn
+from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
@@ -49,54 +56,118 @@ def inputs_and_targets(batch: Any) -> tuple[Tensor, Optional[Tensor]]:
                        f"{type(batch).__name__}: pass n_samples= and input_bound= explicitly")
 
 
-def _single_loader(loaders: Any) -> Optional[Iterable]:
-    if loaders is None:
-        return None
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    if isinstance(loaders, Mapping):
-        return next(iter(loaders.values()), None)
-    return loaders
+# -- collections of dataloaders ---------------------------------------------------------------------------
+# Lightning takes a dataloader or a list, tuple or dict of them (nested too), and gives the training step one
+# batch shaped like that collection; the validation loop gives one loader's batch at a time.
+
+def dataloaders(structure: Any) -> list[Any]:
+    """The dataloaders of a dataloader or a (nested) list, tuple or dict of them, in order."""
+    if isinstance(structure, Mapping):
+        return [loader for value in structure.values() for loader in dataloaders(value)]
+    if isinstance(structure, (list, tuple)):
+        return [loader for value in structure for loader in dataloaders(value)]
+    return [] if structure is None else [structure]
 
 
-# where a loader keeps what it draws from: its samplers, and the samplers and datasets they wrap (Lightning
-# wraps a custom sampler in a DistributedSamplerWrapper, which holds it in a dataset of its own)
-_HOLDERS = ("sampler", "batch_sampler", "dataset", "_sampler")
+def _shaped_like(structure: Any, entries: Iterator[Any]) -> Any:
+    """A collection shaped like `structure` holding the next of `entries` where it holds a dataloader."""
+    if isinstance(structure, Mapping):
+        return {key: _shaped_like(value, entries) for key, value in structure.items()}
+    if isinstance(structure, (list, tuple)):
+        parts = [_shaped_like(value, entries) for value in structure]
+        return parts if isinstance(structure, list) else tuple(parts)
+    return next(entries)
 
 
-def _generators(loader: Any) -> list[torch.Generator]:
-    found: dict[int, torch.Generator] = {}
-    seen: set[int] = set()
+def _entries(structure: Any, batch: Any) -> list[Any]:
+    """The entries of a batch shaped like `structure`, in the order of `dataloaders(structure)`."""
+    if isinstance(structure, Mapping):
+        return [entry for key, value in structure.items() for entry in _entries(value, batch[key])]
+    if isinstance(structure, (list, tuple)):
+        if len(batch) != len(structure):
+            raise TypeError(f"{len(batch)} entries where there are {len(structure)} dataloaders")
+        return [entry for value, part in zip(structure, batch) for entry in _entries(value, part)]
+    return [batch]
 
-    def visit(holder: Any, depth: int) -> None:
-        if holder is None or id(holder) in seen or depth > 4:
-            return
-        seen.add(id(holder))
-        generator = getattr(holder, "generator", None)
-        if isinstance(generator, torch.Generator):
-            found[id(generator)] = generator
-        for name in _HOLDERS:
-            visit(getattr(holder, name, None), depth + 1)
 
-    visit(loader, 0)
-    return list(found.values())
+# -- random states ----------------------------------------------------------------------------------------
+# how to save and restore each kind of random generator a dataset, sampler or transform may keep
+_RNG_STATES: tuple[tuple[type, Callable[[Any], Any], Callable[[Any, Any], None]], ...] = (
+    (torch.Generator, torch.Generator.get_state, torch.Generator.set_state),
+    (np.random.Generator, lambda g: g.bit_generator.state, lambda g, state: setattr(g.bit_generator, "state", state)),
+    (np.random.BitGenerator, lambda g: g.state, lambda g, state: setattr(g, "state", state)),
+    (np.random.RandomState, np.random.RandomState.get_state, np.random.RandomState.set_state),
+    (random.Random, random.Random.getstate, random.Random.setstate),
+)
+# what holds no generator worth looking for: data, code, and the trainer (from which everything is reachable);
+# a loader's iterator holds worker processes and queues, whose generators live in the workers
+_NO_GENERATORS = (Tensor, np.ndarray, str, bytes, bytearray, int, float, complex, type, types.ModuleType,
+                  types.FunctionType, types.BuiltinFunctionType, types.MethodType, random.SystemRandom,
+                  _BaseDataLoaderIter, pl.Trainer)
+_CONTAINERS = (dict, list, tuple, set, frozenset, deque)
+_LARGE = 1000  # a longer container holds data (indices, file names, samples), not generators
+_MOST_VISITED = 20_000  # objects the search looks at, at most: a dataset referencing more holds them as data
+
+
+def _rng_kind(obj: Any) -> Optional[tuple[Callable[[Any], Any], Callable[[Any, Any], None]]]:
+    """How to get and set the state of `obj` if it is a random generator."""
+    return next(((get, put) for kind, get, put in _RNG_STATES if isinstance(obj, kind)), None)
+
+
+def _references(obj: Any) -> Iterable[Any]:
+    """What `obj` refers to through its attributes and, for a plain container, its entries; nothing when there are
+    too many to hold a generator."""
+    attributes = getattr(obj, "__dict__", None)
+    held = list(attributes.values()) if isinstance(attributes, dict) and len(attributes) <= _LARGE else []
+    if isinstance(obj, _CONTAINERS) and len(obj) <= _LARGE:
+        held += list(obj.values()) if isinstance(obj, dict) else list(obj)
+    return held
+
+
+def _random_generators(roots: Iterable[Any]) -> list[Any]:
+    """Every random generator reachable from `roots` by attributes and container entries, whatever it is named
+    and however deep (Lightning wraps a custom sampler in a DistributedSamplerWrapper, which holds it in a dataset
+    of its own; a dataset may hold its transforms, which hold theirs)."""
+    visited: dict[int, Any] = {}  # keeps what it names alive, so that no id is reused during the search
+    found: list[Any] = []
+    pending = list(roots)
+    while pending and len(visited) < _MOST_VISITED:
+        obj = pending.pop()
+        if obj is None or id(obj) in visited or isinstance(obj, _NO_GENERATORS):
+            continue
+        visited[id(obj)] = obj
+        if _rng_kind(obj) is not None:
+            found.append(obj)
+        else:
+            pending.extend(_references(obj))
+    return found
 
 
 @contextlib.contextmanager
 def preserved_random_state(loaders: Iterable[Any]) -> Iterator[None]:
     """Every random state a pass over `loaders` may draw from, restored on exit."""
-    generators = [g for loader in loaders for g in _generators(loader)]
-    saved = [g.get_state() for g in generators]
+    saved = []
+    for generator in _random_generators(loaders):
+        get_state, set_state = _rng_kind(generator)
+        saved.append((generator, set_state, get_state(generator)))
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
-        for generator, state in zip(generators, saved):
-            generator.set_state(state)
+        for generator, set_state, state in saved:
+            set_state(generator, state)
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+
+
+# -- what one epoch reads ---------------------------------------------------------------------------------
+class _Epoch(NamedTuple):
+    """The batches one training epoch reads of a loader."""
+    batches: Iterable[Any]
+    length: Optional[int]  # how many batches, None when the loader is read to its end
+    padding: int  # samples a DistributedSampler repeats among them
 
 
 @contextlib.contextmanager
@@ -114,38 +185,42 @@ def batches_of(loader: Any, count: Optional[int]) -> Iterator[Iterator[Any]]:
         own._shutdown_workers()
 
 
-def _reduced(value: float, op: "dist.ReduceOp", device: torch.device) -> float:
-    if world()[1] == 1:
-        return value
-    t = torch.tensor(value, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return float(t)
+def _index_sampler(loader: Any) -> Any:
+    """The sampler that picks the loader's indices: the batch sampler's, and inside Lightning's
+    DistributedSamplerWrapper the sampler it wraps."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) if batch_sampler is not None else getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSamplerWrapper):
+        sampler = getattr(sampler.dataset, "_sampler", sampler)  # the wrapper keeps it in a private attribute
+    return sampler
 
 
-def training_set_statistics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[int, float]:
-    """(n, B): the number of training samples one epoch goes through (over all ranks, `limit_train_batches`
-    heeded) and the largest ||x||_inf over them, from one pass of the training dataloader (to its end when
-    it has no length: an endless one needs n_samples= and input_bound=)."""
-    loader = _single_loader(trainer.train_dataloader)
-    if loader is None:
-        raise MonitorError("GeneralizationBoundMonitor found no training dataloader: pass n_samples= and "
-                           "input_bound=")
-    batches = trainer.num_training_batches  # this rank's, after limit_train_batches; inf without a length
-    count = None if math.isinf(batches) else int(batches)
-    seen, largest = 0, 0.0
-    with preserved_random_state([loader]), batches_of(loader, count) as epoch:
-        bar = tqdm(epoch, total=count, file=sys.stderr, leave=False,
-                   desc="pathmonitor: n and max |x| of the training set (pass n_samples= and input_bound= to skip)",
-                   disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
-        for batch in bar:
-            x, _ = inputs_and_targets(batch)
-            seen += x.shape[0]
-            largest = max(largest, float(x.detach().abs().max())) if x.numel() else largest
-    device = trainer.strategy.root_device
-    length = sized_len(loader)
-    padding = _padding(loader) if length is not None and batches >= length else 0  # the epoch's end is padded
-    n_samples = int(_reduced(float(seen), dist.ReduceOp.SUM, device)) - padding
-    return n_samples, _reduced(largest, dist.ReduceOp.MAX, device)
+def draws_again(loader: Any) -> bool:
+    """Whether the sampler of a sized map-style dataset does not visit each index once per epoch (it draws with
+    replacement, or another number of samples than the dataset holds): its epochs then read other samples than
+    one epoch's draws, which count some twice and miss others. A DistributedSampler shards each epoch instead."""
+    dataset = getattr(loader, "dataset", None)
+    size = sized_len(dataset) if not isinstance(dataset, IterableDataset) else None
+    sampler = _index_sampler(loader)
+    if size is None or isinstance(sampler, DistributedSampler):
+        return False
+    return bool(getattr(sampler, "replacement", False)) or getattr(sampler, "num_samples", size) != size
+
+
+def _batch_size(loader: DataLoader) -> Optional[int]:
+    """The loader's batch size; None when it does not batch, 1 when its batch sampler does not say."""
+    if loader.batch_sampler is None:
+        return None
+    return loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1
+
+
+def _in_order(loader: DataLoader) -> DataLoader:
+    """This rank's share of the loader's whole dataset, read in order in the main process, in the loader's batches
+    and with its collate_fn; every sample once, whatever the loader drops."""
+    rank, size = world()
+    dataset = loader.dataset
+    shard = dataset if size == 1 else Subset(dataset, range(rank, len(dataset), size))
+    return DataLoader(shard, batch_size=_batch_size(loader), shuffle=False, collate_fn=loader.collate_fn)
 
 
 def _padding(loader: Any) -> int:
@@ -156,38 +231,190 @@ def _padding(loader: Any) -> int:
     return 0
 
 
-def _accuracy(trainer: "pl.Trainer", pl_module: "pl.LightningModule", loader: Iterable,
-              max_batches: int) -> Optional[float]:
-    """The fraction of correct argmax predictions (micro-averaged) on the first `max_batches` batches."""
-    metric = None
-    precision = trainer.precision_plugin
-    with batches_of(loader, max_batches) as batches:
-        for batch in batches:
-            x, y = inputs_and_targets(batch)
-            if y is None:
-                return None
-            with precision.forward_context():
-                out = pl_module(precision.convert_input(x.to(pl_module.device)))
-            if not isinstance(out, Tensor) or out.dim() != 2:
-                return None
+@contextlib.contextmanager
+def _training_epoch(loader: Any, count: Optional[int]) -> Iterator[_Epoch]:
+    """What one training epoch reads of `loader`, which gives it `count` batches (None: to its end): those batches,
+    or, when its sampler draws again, the whole dataset in order (that many batches of it when the epoch is cut
+    short by `limit_train_batches`)."""
+    length = sized_len(loader)
+    whole = count is None or (length is not None and count >= length)
+    if draws_again(loader):
+        reader = _in_order(loader)
+        reads = len(reader) if whole else min(count, len(reader))
+        yield _Epoch(itertools.islice(reader, reads), reads, 0)
+        return
+    with batches_of(loader, count) as batches:
+        yield _Epoch(batches, count, _padding(loader) if whole and length is not None else 0)
+
+
+def _batches_per_epoch(loader: Any, most: float) -> Optional[int]:
+    """How many batches of `loader` a training epoch takes (None: to its end). Lightning stops after `most`, the
+    longest of the loaders as `limit_train_batches` cuts them; a shorter loader gives all its batches (then cycles,
+    or is done), and with mode="min_size" `most` is the shortest."""
+    length = sized_len(loader)
+    count = min(math.inf if length is None else length, most)
+    return None if math.isinf(count) else int(count)
+
+
+# -- batches as the network gets them ---------------------------------------------------------------------
+_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def _transfer_hooks(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[list[Callable]]:
+    """The batch-transfer hooks as Lightning picks them (the datamodule's where it overrides one, else the module's),
+    or None when neither overrides any: then they only move the batch."""
+    owners = [trainer.datamodule if is_overridden(name, trainer.datamodule) else pl_module for name in _TRANSFER_HOOKS]
+    if not any(is_overridden(name, owner) for name, owner in zip(_TRANSFER_HOOKS, owners)):
+        return None
+    return [getattr(owner, name) for name, owner in zip(_TRANSFER_HOOKS, owners)]
+
+
+def _lockstep(epochs: Sequence[Iterable[Any]]) -> Iterator[tuple[list[Any], list[bool]]]:
+    """The batches of several loaders side by side, until all are done, with which of them are new: a loader that
+    is done gives its first batch again (as Lightning cycles a shorter loader)."""
+    iterators = [iter(epoch) for epoch in epochs]
+    first: list[Any] = [None] * len(iterators)
+    done = [False] * len(iterators)
+    while True:
+        entries, new = [], []
+        for i, iterator in enumerate(iterators):
+            batch = None if done[i] else next(iterator, None)
+            done[i] = batch is None
+            first[i] = batch if first[i] is None else first[i]
+            entries.append(first[i] if done[i] else batch)
+            new.append(not done[i])
+        if not any(new):
+            return
+        yield entries, new
+
+
+def network_batches(trainer: "pl.Trainer", pl_module: "pl.LightningModule", structure: Any,
+                    epochs: Sequence[Iterable[Any]], dataloader_idx: int) -> Iterator[Any]:
+    """The batches of `epochs` (one per dataloader of `structure`) as the network gets them: in the trainer's
+    precision and through the batch-transfer hooks when overridden, which take the batches of several training
+    loaders together, shaped like `structure`, as Lightning gives them."""
+    convert = trainer.precision_plugin.convert_input
+    hooks = _transfer_hooks(trainer, pl_module)
+    if hooks is None:
+        yield from (convert(batch) for epoch in epochs for batch in epoch)
+        return
+    before, transfer, after = hooks
+    for entries, new in _lockstep(epochs):
+        batch = convert(_shaped_like(structure, iter(entries)))
+        batch = after(transfer(before(batch, dataloader_idx), pl_module.device, dataloader_idx), dataloader_idx)
+        try:
+            transferred = _entries(structure, batch)
+        except (KeyError, IndexError, TypeError) as problem:
+            raise MonitorError(f"GeneralizationBoundMonitor: the batch-transfer hooks return a batch not shaped like "
+                               f"the training dataloaders ({problem}): pass n_samples= and input_bound=") from None
+        yield from (entry for entry, is_new in zip(transferred, new) if is_new)
+
+
+# -- the training-set constants ---------------------------------------------------------------------------
+def check_countable(loaders: Iterable[Any]) -> None:
+    """Refuse to count the samples of an IterableDataset that several processes read."""
+    for loader in loaders:
+        readers = max(1, getattr(loader, "num_workers", 0)) * world()[1]
+        if isinstance(getattr(loader, "dataset", None), IterableDataset) and readers > 1:
+            raise MonitorError(
+                f"GeneralizationBoundMonitor cannot count the samples of an IterableDataset read by {readers} "
+                f"processes (worker processes x ranks): each runs its own copy of the dataset's __iter__ and yields "
+                f"the whole stream unless the dataset splits it (by get_worker_info() and by rank), which the pass "
+                f"cannot tell from its batches. Pass n_samples= (the number of distinct training samples) and "
+                f"input_bound= (the largest |x| the network gets).")
+
+
+def _extent(batches: Iterable[Any]) -> tuple[int, float]:
+    """The number of samples in `batches` and their largest |x|."""
+    seen, largest = 0, 0.0
+    for batch in batches:
+        x, _ = inputs_and_targets(batch)
+        seen += x.shape[0]
+        largest = max(largest, float(x.detach().abs().max())) if x.numel() else largest
+    return seen, largest
+
+
+def _reduced(value: float, op: "dist.ReduceOp", device: torch.device) -> float:
+    """`value` reduced with `op` over all ranks."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return float(t)
+
+
+def training_set_statistics(trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                            count_samples: bool = True) -> tuple[int, float]:
+    """(n, B): the number of training samples one epoch goes through (over all ranks and training dataloaders,
+    `limit_train_batches` heeded; the whole dataset of a loader whose sampler draws again) and the largest
+    ||x||_inf over them as the network gets them, from one pass (to its end for a dataloader without a length:
+    an endless one needs n_samples= and input_bound=). `count_samples=False`: only B is wanted."""
+    structure = trainer.train_dataloader
+    loaders = dataloaders(structure)
+    if not loaders:
+        raise MonitorError("GeneralizationBoundMonitor found no training dataloader: pass n_samples= and "
+                           "input_bound=")
+    if count_samples:
+        check_countable(loaders)
+    most = trainer.num_training_batches  # this rank's, after limit_train_batches; inf without a length
+    with preserved_random_state(loaders), contextlib.ExitStack() as stack:
+        epochs = [stack.enter_context(_training_epoch(loader, _batches_per_epoch(loader, most))) for loader in loaders]
+        lengths = [epoch.length for epoch in epochs]
+        bar = tqdm(network_batches(trainer, pl_module, structure, [epoch.batches for epoch in epochs], 0),
+                   total=None if None in lengths else sum(lengths), file=sys.stderr, leave=False,
+                   desc="pathmonitor: n and max |x| of the training set (pass n_samples= and input_bound= to skip)",
+                   disable=trainer.global_rank != 0 or not trainer.progress_bar_callback)
+        seen, largest = _extent(bar)
+    device = trainer.strategy.root_device
+    n_samples = int(_reduced(float(seen), dist.ReduceOp.SUM, device)) - sum(epoch.padding for epoch in epochs)
+    return n_samples, _reduced(largest, dist.ReduceOp.MAX, device)
+
+
+# -- the measured accuracy gap ----------------------------------------------------------------------------
+def _classifies(out: Any, y: Optional[Tensor]) -> bool:
+    """Whether `out` holds scores of 2 or more classes per sample and `y` their integer class indices."""
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] < 2 or y is None:
+        return False
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.shape != out.shape[:1]:
+        return False
+    return y.numel() == 0 or (int(y.min()) >= 0 and int(y.max()) < out.shape[1])
+
+
+def _accuracy(trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+              batches: Iterable[Any]) -> Optional[MulticlassAccuracy]:
+    """The micro-averaged accuracy of argmax predictions over `batches`, not yet computed; None when they are
+    not a classifier's batches (or none came). Every batch goes through the network all the same: a sharded
+    forward is collective."""
+    metric: Optional[MulticlassAccuracy] = None
+    classifies = True
+    for batch in batches:
+        x, y = inputs_and_targets(batch)
+        with trainer.precision_plugin.forward_context():
+            out = pl_module(x.to(pl_module.device))
+        classifies = classifies and _classifies(out, y)
+        if classifies:
             if metric is None:
                 metric = MulticlassAccuracy(num_classes=out.shape[1], average="micro").to(out.device)
             metric.update(out.float(), y.to(out.device))
-    return None if metric is None else float(metric.compute())  # compute() syncs across ranks
+    return metric if classifies else None
 
 
 def measure_accuracy_gap(trainer: "pl.Trainer", pl_module: "pl.LightningModule", max_batches: int) -> Optional[float]:
-    """Training minus validation accuracy (argmax of the outputs) on at most `max_batches` batches of
-    each dataloader, the model in eval mode; None, with a warning, when it cannot be measured."""
-    train = _single_loader(trainer.train_dataloader)
-    val = _single_loader(trainer.val_dataloaders)
-    accuracies = None
-    if train is not None and val is not None:
-        with torch.no_grad(), eval_mode(pl_module), preserved_random_state([train, val]):
-            accuracies = tuple(_accuracy(trainer, pl_module, loader, max_batches) for loader in (train, val))
-    if accuracies is None or None in accuracies:
-        rank_zero_warn("GeneralizationBoundMonitor: no gap logged. Log the metrics named in gap_metrics, or give "
-                       "(input, target) batches of a classifier and a validation dataloader so that it can measure "
-                       "the accuracy gap itself", category=UserWarning)
+    """Training minus validation accuracy (argmax of the outputs, over all ranks) on at most `max_batches` batches
+    of each training and of the first validation dataloader, the model in eval mode; None when it cannot be
+    measured: no validation dataloader, or no integer class targets for outputs of 2 or more classes."""
+    structure = trainer.train_dataloader
+    train, val = dataloaders(structure), dataloaders(trainer.val_dataloaders)[:1]
+    if not train or not val:
         return None
-    return accuracies[0] - accuracies[1]
+    with torch.no_grad(), eval_mode(pl_module), preserved_random_state(train + val), contextlib.ExitStack() as stack:
+        metrics = []
+        for shape, loaders in ((structure, train), (val[0], val)):
+            epochs = [stack.enter_context(batches_of(loader, max_batches)) for loader in loaders]
+            metrics.append(_accuracy(trainer, pl_module, network_batches(trainer, pl_module, shape, epochs, 0)))
+    # compute() is collective: every rank takes it, or none does
+    measured = all(metric is not None for metric in metrics)  # not `in`: a metric's == builds a new metric
+    if _reduced(float(measured), dist.ReduceOp.MIN, trainer.strategy.root_device) == 0:
+        return None
+    train_accuracy, val_accuracy = (float(metric.compute()) for metric in metrics)
+    return train_accuracy - val_accuracy

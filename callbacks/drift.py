@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pathmonitor.bounds import check_number
 from pathmonitor.distributed import ShardedSnapshot
 from pathmonitor.errors import PathComputationError
-from pathmonitor.metrics import certified_change, check_input_inf_norm
+from pathmonitor.metrics import certified_change
 from pathmonitor.tracking import weights_version
 
 from .base import MonitorError, PathCallback, is_due, log_values, restore
@@ -43,7 +43,7 @@ class PathMetricDrift(PathCallback):
         if reference not in ("last_checkpoint", "init", "epoch_start"):
             raise ValueError(f"reference must be 'last_checkpoint', 'init' or 'epoch_start', got {reference!r}")
         if input_bound is not None:
-            check_input_inf_norm(input_bound)
+            check_number("input_bound", input_bound, strict=False)  # finite: a certified change must be a number
         self.reference = reference
         if every_n_steps is not None:
             check_number("every_n_steps", every_n_steps, integer=True)

@@ -39,8 +39,8 @@ class PathBudgetPruning(PathCallback):
     (linearly or cubically) from 0 at `start` to `target_sparsity` at `end`. `scope="layer"` gives each
     layer an equal share of the budget (and of the round's cap, by size). `rewind_to=r` resets the
     surviving weights to their values after r optimizer steps (r epochs with `every_n_epochs`; 0: the
-    initial weights) at every round (lottery-ticket rewinding), with the optimizer state of the selected
-    weights (Adam's step count included); the logged change is then the pruning's, before the rewind.
+    initial weights) at every round (lottery-ticket rewinding), and the optimizer state of the selected
+    weights starts afresh, step counts included; the logged change is then the pruning's, before the rewind.
     Masks are enforced on the weights after every optimizer step, on the gradients before it and on the
     optimizer state at every round, so that the checkpoint holds zeros under the model's own keys;
     `make_permanent=False` leaves `torch.nn.utils.prune` masks on the modules at the end of training.
@@ -298,8 +298,8 @@ class PathBudgetPruning(PathCallback):
         self.keeper.weights(self._weight_parameters(), self.masks)
 
     def _apply_to_optimizers(self, reset: bool) -> None:
-        """Zero the optimizer state (Adam's moments, momentum) of pruned entries, or of every entry of the
-        selected weights when they are rewound: state left there would revive a pruned weight."""
+        """Zero the optimizer state (Adam's moments, momentum) of pruned entries, or start that of the
+        selected weights afresh when they are rewound: state left there would revive a pruned weight."""
         self.keeper.optimizer_state(self._weight_parameters(), self.masks, reset)
 
     def _rewind(self) -> None:

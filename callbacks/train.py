@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pytorch_lightning as pl
 import yaml
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import LightningCLI
 
 import pathmonitor.callbacks as package
+from pathmonitor.errors import PathComputationError
+from pathmonitor.norms import check_support
+from pathmonitor.tracking import TrackedModel, tracked
 
-from .base import PathCallback
+from .base import PathCallback, moment
 from .checkpoints import AuditError
+from .norm_monitor import PathNormMonitor
 from .pruning import PathBudgetPruning
 from .regularizer import PathNormRegularizer
 from .report import write_report
+from .values import example_input_shape, log10
 
 # imported, not only named in configs: LightningCLI resolves a bare class name among the classes loaded
 LOADED = tuple(getattr(package, name) for name in package.__all__)
@@ -49,15 +57,55 @@ class PathMonitorCLI(LightningCLI):
             print(run_summary(self.trainer))
 
 
-def lightning_cli(argv: Sequence[str]) -> PathMonitorCLI:
-    """LightningCLI on `argv` (a subcommand and its options), any LightningModule and data module."""
-    return PathMonitorCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
-                          subclass_mode_data=True, args=list(argv), save_config_kwargs={"overwrite": True})
+def lightning_cli(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> PathMonitorCLI:
+    """LightningCLI on `argv` (a subcommand and its options), any LightningModule and data module, with
+    `callbacks` added to those of the configs."""
+    args = list(argv)
+    with warnings.catch_warnings():
+        # arguments that differ from the command line are deliberate (the demo's): Lightning's warning
+        # against mixing the two would only be noise
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return PathMonitorCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
+                              subclass_mode_data=True, args=None if args == sys.argv[1:] else args,
+                              trainer_defaults={"callbacks": list(callbacks)}, save_config_kwargs={"overwrite": True})
+
+
+class FinalPathNorm(Callback):
+    """The log10 L1 path-norm of the weights a fit ends with (after the last pruning round), computed on
+    every rank while the strategy still holds the model; None when no supported module can be measured."""
+
+    def __init__(self) -> None:
+        self.log10_l1: Optional[float] = None
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        watched = measured_model(trainer, pl_module)
+        if watched is None:
+            return
+        try:
+            self.log10_l1 = log10(watched.at(moment(trainer)).path_norm(1.0).log_value)
+        except PathComputationError:  # weights that became NaN: the comparison shows "-", the run stands
+            self.log10_l1 = None
+
+
+def measured_model(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[TrackedModel]:
+    """What the run's path-norm is of: the module a PathNormMonitor (else another pathmonitor callback)
+    watches, else the LightningModule itself when it is supported at its example input's shape."""
+    ours = [c for c in trainer.callbacks if isinstance(c, PathCallback) and c._tracked is not None]
+    ours.sort(key=lambda callback: not isinstance(callback, PathNormMonitor))
+    if ours:
+        return ours[0].tracked
+    try:
+        shape = example_input_shape(pl_module)
+    except ValueError:
+        return None
+    if check_support(pl_module, shape):
+        return None
+    return tracked(pl_module, shape, synchronized=trainer.world_size > 1)
 
 
 def fit(argv: Sequence[str]) -> "pl.Trainer":
-    """`pathmonitor fit ARGV` in this process; the trainer after the run."""
-    return lightning_cli(["fit", *argv]).trainer
+    """`pathmonitor fit ARGV` in this process, measuring the final path-norm; the trainer after the run."""
+    return lightning_cli(["fit", *argv], callbacks=[FinalPathNorm()]).trainer
 
 
 def changes_weights(entry: object) -> bool:
@@ -87,31 +135,33 @@ def dense_twin(config: dict) -> dict:
     return {**config, "trainer": trainer} if trainer or "trainer" in config else dict(config)
 
 
-def comparison(dense: "pl.Trainer", trained: "pl.Trainer") -> str:
-    """Validation accuracy, sparsity and L1 path-norm of the demo run next to its dense twin's."""
-    def values(trainer: "pl.Trainer") -> dict[str, str]:
-        found = {"val_acc": f"{float(trainer.callback_metrics['val_acc']):.2%}"
-                 if "val_acc" in trainer.callback_metrics else "-", "sparsity": "0.00%", "log10 L1 path-norm": "-"}
-        for callback in trainer.callbacks:
-            last = getattr(callback, "last", None) or {}
-            if "prune/sparsity" in last:
-                found["sparsity"] = f"{last['prune/sparsity']:.2%}"
-            if "pathnorm/log10_l1" in last:
-                found["log10 L1 path-norm"] = f"{last['pathnorm/log10_l1']:.2f}"
-        return found
+def final_values(trainer: "pl.Trainer") -> dict[str, str]:
+    """Validation accuracy, sparsity and log10 L1 path-norm a run ends with, as the comparison shows them."""
+    found = {"val_acc": f"{float(trainer.callback_metrics['val_acc']):.2%}"
+             if "val_acc" in trainer.callback_metrics else "-", "sparsity": "0.00%", "log10 L1 path-norm": "-"}
+    for callback in trainer.callbacks:
+        if isinstance(callback, PathBudgetPruning) and "prune/sparsity" in callback.last:
+            found["sparsity"] = f"{callback.last['prune/sparsity']:.2%}"
+        # not a monitor's last value: that may predate the last pruning round
+        if isinstance(callback, FinalPathNorm) and callback.log10_l1 is not None:
+            found["log10 L1 path-norm"] = f"{callback.log10_l1:.2f}"
+    return found
 
-    left, right = values(dense), values(trained)
+
+def comparison(dense: "pl.Trainer", trained: "pl.Trainer") -> str:
+    """Validation accuracy, sparsity and final L1 path-norm of the demo run next to its dense twin's."""
+    left, right = final_values(dense), final_values(trained)
     lines = [f"{'':<22}{'dense':>12}{'demo run':>12}"]
     lines += [f"{key:<22}{left[key]:>12}{right[key]:>12}" for key in left]
     return "\n".join(lines)
 
 
-def demo(argv: Sequence[str]) -> None:
-    """`pathmonitor demo [--config CONFIG ...] [fit options]`: train the configs (default
+def demo(argv: Sequence[str]) -> tuple["pl.Trainer", "pl.Trainer"]:
+    """`pathmonitor demo [-c|--config CONFIG ...] [fit options]`: train the configs (default
     configs/digits.yaml; several stack as with `fit`) and their dense twin, the fit options applying to
-    both, then compare them."""
-    parser = argparse.ArgumentParser(prog="pathmonitor demo")
-    parser.add_argument("--config", type=Path, action="append")
+    both, then compare them; the two trainers, the dense twin's first."""
+    parser = argparse.ArgumentParser(prog="pathmonitor demo", allow_abbrev=False)
+    parser.add_argument("-c", "--config", type=Path, action="append")  # LightningCLI's short form too
     known, rest = parser.parse_known_args(argv)
     paths: list[Path] = known.config or [DEMO_CONFIG]
     configs = []
@@ -141,3 +191,4 @@ def demo(argv: Sequence[str]) -> None:
                 print(f"report of the demo run: {figure}")
             except AuditError as error:  # another logger, or no pathmonitor tags: the runs themselves are fine
                 print(f"no report of the demo run: {error}")
+    return dense, trained

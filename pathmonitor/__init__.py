@@ -1,7 +1,7 @@
 """pathmonitor: path-norms and path-metrics of ReLU networks, live in training (see docs/MATH.md)."""
 from .bounds import GeneralizationBound, generalization_bound
-from .errors import (ParameterMismatchError, PathComputationError, SupportReport, UnsupportedModelError,
-                     UnsupportedNode)
+from .errors import (IgnoredHookWarning, ParameterMismatchError, PathComputationError, SupportReport,
+                     UnsupportedModelError, UnsupportedNode)
 from .metrics import PathMetric, function_distance_bound, path_metric, quantization_bound
 from .norms import PathNormOverflowWarning, check_support, log_path_norm, path_norm
 from .penalty import path_norm_penalty
@@ -12,6 +12,7 @@ from .scores import path_magnitude_scores
 __all__ = [
     "Certified",
     "GeneralizationBound",
+    "IgnoredHookWarning",
     "ParameterMismatchError",
     "PathComputationError",
     "PathMetric",

@@ -1,10 +1,12 @@
-"""`make demo`: path-norms of torchvision architectures, then a certified pruning and quantization of
-ResNet-18 (docs/MATH.md sections 2-5)."""
+"""`pathmonitor certify-demo`: path-norms of torchvision architectures, then a certified pruning and
+quantization of ResNet-18 (docs/MATH.md sections 2-5)."""
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import time
+from typing import Optional, Sequence
 
 import torch
 
@@ -15,6 +17,8 @@ from .rescale import random_rescale
 from .scores import path_magnitude_scores
 
 INPUT_SHAPE = (3, 224, 224)
+DESCRIPTION = ("Path-norms of randomly initialized torchvision models, then a pruning and quantizations of ResNet-18 "
+               "certified by path-metrics, and its generalization bound (minutes on a CPU).")
 
 
 def _norm_table(torchvision) -> None:
@@ -64,7 +68,9 @@ def _certificates() -> None:
           f"4CB/sqrt(n) = {bound.first_part:.4f}; bound = {bound.value:.3g} (vacuous for a dense network)")
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run the demo; it takes no options, so `--help` (or anything else given) is answered before it starts."""
+    argparse.ArgumentParser(prog="pathmonitor certify-demo", description=DESCRIPTION).parse_args(argv)
     import torchvision
 
     _norm_table(torchvision)

@@ -24,7 +24,7 @@ from .distributed import gathering_in_order
 from .errors import ParameterMismatchError, PathComputationError
 from .graph import OpKind, PathGraph, PathOp, PerGraph, Ref
 from .layers import apply_affine, bias_view
-from .sources import EdgeMagnitudes
+from .sources import EdgeMagnitudes, submodule
 
 
 # the ops whose output can be smaller than their inputs; sums, re-indexing and identities cannot sink
@@ -99,7 +99,7 @@ class Interpreter:
 
     def module(self, name: str) -> nn.Module:
         if name not in self._modules:
-            self._modules[name] = self.model.get_submodule(name)
+            self._modules[name] = submodule(self.model, name)
         return self._modules[name]
 
     def _watch(self, t: Tensor) -> Tensor:

@@ -49,3 +49,7 @@ class PathComputationError(RuntimeError):
 
 class ParameterMismatchError(ValueError):
     """Raised when a second network (module or state dict) does not match the model's parameters."""
+
+
+class IgnoredHookWarning(UserWarning):
+    """Warned when a captured model has forward hooks or pre-hooks, which the path model does not include."""

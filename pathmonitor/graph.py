@@ -9,6 +9,8 @@ import builtins
 import enum
 import functools
 import operator
+import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, Mapping, Optional, TypeVar
@@ -18,10 +20,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SupportReport, UnsupportedModelError, UnsupportedNode
+from .errors import IgnoredHookWarning, SupportReport, UnsupportedModelError, UnsupportedNode
 from .layers import AFFINE_TYPES, BATCH_NORMS, FUNCTIONAL_AFFINE, FunctionalAffine, unsupported_reason
 from .pools import FUNCTIONAL_POOLS, INTERPOLATION_DIMS, POOL_TYPES, Interpolation, MeanReduce, Pool, pool_from_module
-from .tracer import ScopedTracer, eval_mode, untouched
+from .tracer import (ScopedTracer, eval_mode, global_hook_signature, hook_name, hook_signature, ignored_global_hooks,
+                     ignored_hooks, untouched)
 
 
 class OpKind(enum.Enum):
@@ -178,19 +181,24 @@ def _example(model: nn.Module, input_shape: tuple[int, ...]) -> Optional[torch.T
     return torch.empty((1,) + tuple(input_shape), dtype=dtype, device="meta")
 
 
-def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[fx.Graph, dict[str, Any]]:
-    """The fx graph, and the tensor literals of `forward` that fx stores as attributes of the root.
-    The model is left as it was (see `untouched`)."""
+Called = list[tuple[str, nn.Module]]  # the modules a trace calls, root first: (qualified name, module)
+
+
+def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[fx.Graph, dict[str, Any], Called]:
+    """The fx graph, the tensor literals of `forward` that fx stores as attributes of the root, and the
+    modules the trace calls. The model is left as it was (see `untouched`)."""
     if _is_leaf(model):  # a bare layer: fx would trace into its functional forward
         graph = fx.Graph()
         graph.output(graph.call_module("", (graph.placeholder("input"),)))
-        return graph, {}
+        return graph, {}, [("", model)]
     tracer = ScopedTracer(_is_leaf, _example(model, input_shape))
     before = set(vars(model))
     try:
         with untouched(model), eval_mode(model):
             graph = tracer.trace(model)
-            return graph, {key: vars(model)[key] for key in set(vars(model)) - before}
+            constants = {key: vars(model)[key] for key in set(vars(model)) - before}
+            called = [("", model)] + [entry for entry in tracer.called.values() if entry[1] is not model]
+            return graph, constants, called
     except Exception as error:
         name, kind = tracer.failed_in or ("<model>", type(model).__name__)
         cause = f"{type(error).__name__}: {error}"
@@ -712,8 +720,10 @@ def _ignored(cls: type) -> frozenset[str]:
 
 def _structure(model: nn.Module) -> tuple:
     """What a traced graph depends on: the module tree and every module's own attributes (kernel
-    sizes, modes, flags and functions read in forward); a change to any of them means tracing again."""
-    return tuple((name, id(m), type(m), _settings(m, _ignored(type(m)))) for name, m in model.named_modules())
+    sizes, modes, flags and functions read in forward); a change to any of them means tracing again.
+    Forward hooks other than bookkeeping count too: a new one is traced again so as to be warned about."""
+    return (global_hook_signature(),) + tuple((name, id(m), type(m), _settings(m, _ignored(type(m))), hook_signature(m))
+                                              for name, m in model.named_modules())
 
 
 def _settings(module: nn.Module, ignored: frozenset[str]) -> tuple:
@@ -731,10 +741,45 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> PathGraph:
     cached = per_model.get(input_shape)
     if cached is not None and cached[0] == structure:
         return cached[1]
-    traced, constants = _trace(model, input_shape)
+    traced, constants, called = _trace(model, input_shape)
     graph = _Builder(model, input_shape, constants).build(traced)
     per_model[input_shape] = (structure, graph)
+    _warn_of_hooks(called)  # once per traced graph: a cached graph returned above has been warned about
     return graph
+
+
+def _module_label(name: str, module: nn.Module) -> str:
+    """'<qualified name> (<class>)', or the class alone for the root."""
+    return f"{name} ({type(module).__name__})" if name else type(module).__name__
+
+
+def _hooked(called: Called) -> list[str]:
+    """'<module>: <kind> <hook>' for every hook the path graph leaves out, global ones last."""
+    found = [f"{_module_label(name, m)}: {kind} {hook_name(hook)}" for name, m in called
+             for _, kind, hook in ignored_hooks(m)]
+    return found + [f"every module (global): {kind} {hook_name(hook)}" for _, kind, hook in ignored_global_hooks()]
+
+
+def _warn_of_hooks(called: Called) -> None:
+    """Warn that the forward hooks and pre-hooks of the modules a trace called are not in the path graph."""
+    found = _hooked(called)
+    if not found:
+        return
+    listed = "\n".join(f"  - {entry}" for entry in found)
+    warnings.warn(f"the model has forward hooks, which are not part of the path model (capture does not run them):\n"
+                  f"{listed}\nA hook that changes a module's input or output therefore makes the path-norm and every "
+                  f"other path quantity of this model wrong; what a hook does is not checked. Remove such hooks while "
+                  f"path quantities are computed, or fold what they do into the module (scale its weights rather than "
+                  f"its output, say).", IgnoredHookWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The stacklevel, for a warning issued by the calling function, of the first frame outside the modules
+    of pathmonitor's core: the warning then points at the call that computed a path quantity."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").rpartition(".")[0] == __package__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def topology(model: nn.Module) -> PathGraph:

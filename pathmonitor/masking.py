@@ -13,7 +13,7 @@ Every rank masks what it owns, so enforcing a mask needs no collective; reading 
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,8 @@ class MaskKeeper(Protocol):
         """Zero the pruned entries of the gradients the next optimizer step reads."""
 
     def optimizer_state(self, weights: Weights, masks: Masks, reset: bool) -> None:
-        """Zero the optimizer state of the pruned entries; with `reset`, of every entry, and restart a
-        per-parameter step count (Adam's; DeepSpeed counts steps per parameter group, which go on)."""
+        """Zero the optimizer state of the pruned entries; with `reset`, start every entry's state afresh,
+        step counts included (DeepSpeed counts steps per parameter group, which go on)."""
 
     def read(self, weights: Weights) -> dict[str, Tensor]:
         """Full copies of the weights, as the optimizer holds them (a collective under DeepSpeed)."""
@@ -84,12 +84,14 @@ class PlainMaskKeeper:
     def optimizer_state(self, weights: Weights, masks: Masks, reset: bool) -> None:
         for optimizer in self.optimizers:
             for name, p in weights.items():
-                state = optimizer.state.get(p, {})
-                for key, value in state.items():
+                if p not in optimizer.state:
+                    continue
+                if reset:
+                    optimizer.state[p] = fresh_state(optimizer, p)
+                    continue
+                for value in optimizer.state[p].values():
                     if isinstance(value, Tensor) and value.shape == p.shape:
-                        value.mul_(0 if reset else masks[name].to(value.device))
-                    elif reset and key == "step":  # a fresh start of Adam's bias correction, with its moments
-                        state[key] = value.zero_() if isinstance(value, Tensor) else type(value)(0)
+                        value.mul_(masks[name].to(value.device))
 
     def read(self, weights: Weights) -> dict[str, Tensor]:
         return {name: p.detach().clone() for name, p in weights.items()}
@@ -98,6 +100,20 @@ class PlainMaskKeeper:
     def write(self, weights: Weights, values: Mapping[str, Tensor], masks: Masks) -> None:
         for name, p in weights.items():
             p.copy_(values[name].to(p.device) * masks[name].to(p.device))
+
+
+def fresh_state(optimizer: Optimizer, p: nn.Parameter) -> dict[str, Any]:
+    """The state `optimizer` starts `p` with: that of a new optimizer of its class, with the settings of
+    `p`'s group, over a tensor like `p`. Zeroing the old state is no fresh start for all of them (NAdam's
+    momentum product starts at 1, Rprop's step sizes at lr). Most create it at their first step, from
+    none: so does one whose constructor does not take its own settings back."""
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    settings = {key: group[key] for key in optimizer.defaults if key in group}  # not a scheduler's initial_lr
+    try:
+        twin = type(optimizer)([torch.empty_like(p)], **settings)
+    except TypeError:
+        return {}
+    return dict(next(iter(twin.state.values()), {}))
 
 
 class DeepSpeedMaskKeeper:

@@ -50,8 +50,9 @@ def path_norm_penalty(model: nn.Module, input_shape: Sequence[int], q: float = 1
                          f"graph over the whole network would need them all gathered at once. Use "
                          f"pathmonitor.penalty.penalty_gradients, or the PathNormRegularizer callback.")
     graph = capture(model, shape)
-    _, values = exact_values(graph, model, AbsoluteMagnitudes(ParameterEdges(ModuleSource(model)), dtype), q,
-                             keep=False, dtype=dtype)
+    source = ModuleSource(model, buffers_from_rank_zero=False)  # what its default decides for a model held whole
+    _, values = exact_values(graph, model, AbsoluteMagnitudes(ParameterEdges(source), dtype), q, keep=False,
+                             dtype=dtype)
     return penalty_of(values[-1], q, log)
 
 

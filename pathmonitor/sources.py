@@ -72,16 +72,12 @@ class ModuleSource:
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
         try:
-            own = self.root.get_submodule(name)
+            own = submodule(self.root, name)
         except AttributeError:
             raise ParameterMismatchError(
                 f"the other network has no module {name!r} ({type(module).__name__})") from None
-        if type(own) is not type(module):
-            raise ParameterMismatchError(f"module {name!r} is a {type(own).__name__} in the other network, "
-                             f"a {type(module).__name__} in the model")
-        if getattr(own, "eps", None) != getattr(module, "eps", None):  # batch-norm is folded with the model's
-            raise ParameterMismatchError(f"batch-norm {name!r} has eps={own.eps} in the other network, "
-                                         f"eps={module.eps} in the model")
+        if own is not module:
+            _check_same_kind(name, own, module)
         with gathered(own):
             tensors = {key: full(_effective(own, key)) for key in tensor_names(module)}
             if self.buffers_from_rank_zero:
@@ -111,6 +107,28 @@ class ModuleSource:
         for (owner, key, _), copy in zip(flat, from_rank_zero([b for _, _, b in flat])):
             copies[owner][key] = copy
         return {name: copies[id(m)] for name, m in named}
+
+
+def _check_same_kind(name: str, own: nn.Module, module: nn.Module) -> None:
+    """The other network's module `own` can stand in for the model's `module` under the model's graph."""
+    if type(own) is not type(module):
+        raise ParameterMismatchError(f"module {name!r} is a {type(own).__name__} in the other network, "
+                                     f"a {type(module).__name__} in the model")
+    if getattr(own, "eps", None) != getattr(module, "eps", None):  # batch-norm is folded with the model's
+        raise ParameterMismatchError(f"batch-norm {name!r} has eps={own.eps} in the other network, "
+                                     f"eps={module.eps} in the model")
+
+
+def submodule(root: nn.Module, name: str) -> nn.Module:
+    """`root.get_submodule(name)`, read straight from the module tables: every pass looks up every layer,
+    and `get_submodule` goes through `Module.__getattr__` at each level."""
+    module = root
+    for part in name.split(".") if name else ():
+        child = module._modules.get(part)
+        if child is None:  # not a registered child: torch's own lookup says why
+            return root.get_submodule(name)
+        module = child
+    return module
 
 
 def _alive(reference: Callable[[], Optional[nn.Module]]) -> nn.Module:

@@ -5,16 +5,25 @@ The path graph is defined for one input shape, so shape questions asked by forwa
 carries a meta tensor (shape and dtype, no data) computed alongside it, and Python control flow on
 shapes follows the branch the real input takes. Where no meta value can be computed (an op meta
 tensors do not support), the value falls back to being symbolic, as plain fx tracing would have it.
+
+Forward hooks and pre-hooks are not run while tracing; the functions at the end of this file tell which
+of them that leaves out of the graph (all but the bookkeeping of pruning, weight and spectral norms,
+ZeRO-3 and FSDP).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.modules.module as torch_module
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .distributed import full_shape
 from .layers import BATCH_NORMS
@@ -174,6 +183,7 @@ class ScopedTracer(fx.Tracer):
         self._scopes: list[tuple[str, str]] = [("", "")]
         self._computing_meta = False
         self.failed_in: Optional[tuple[str, str]] = None
+        self.called: dict[int, tuple[str, nn.Module]] = {}  # every module the trace calls, by id: (name, module)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return self._leaf(m) or super().is_leaf_module(m, module_qualified_name)
@@ -182,6 +192,7 @@ class ScopedTracer(fx.Tracer):
         if self._computing_meta:  # a parametrization computing a leaf's weight: plain code, not traced
             return forward(*args, **kwargs)
         scope = (self.path_of_module(m), type(m).__name__)
+        self.called.setdefault(id(m), (scope[0], m))
         self._scopes.append(scope)
         try:
             # m.forward, not the wrapped __call__: the user's hooks must not see tracing proxies
@@ -298,3 +309,96 @@ def _meta_twin(module: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
                         for k, p in tensors.items()}
     twin._buffers = {k: None if b is None else _meta_tensor(b, dtype) for k, b in module._buffers.items()}
     return twin
+
+
+# -- forward hooks, which tracing does not run -------------------------------------------------------------
+# Hooks of these types recompute a weight from other tensors before forward; the path model reads the weight
+# the same way (sources._effective), so leaving them out changes nothing
+_BOOKKEEPING_HOOK_TYPES = (prune.BasePruningMethod, WeightNorm, SpectralNorm, SpectralNormStateDictHook,
+                           SpectralNormLoadStateDictPreHook)
+# Hooks defined in these packages gather and release sharded parameters around forward (ZeRO-3, FSDP), which
+# the path model reads by itself
+_BOOKKEEPING_HOOK_PACKAGES = ("deepspeed", "torch.distributed.fsdp", "torch.distributed._composable")
+_BOOKKEEPING_HOOK_PREFIXES = tuple(f"{package}." for package in _BOOKKEEPING_HOOK_PACKAGES)
+_HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
+_FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def _innermost(hook: Callable) -> Callable:
+    """The function or object a hook wraps, through bound methods, functools.partial and decorators that
+    record `__wrapped__` (functools.wraps, torch's own hook wrapper): a wrapper's module says nothing of
+    where the hook's code comes from."""
+    for _ in range(100):  # a bound: a wrapper may point back at itself
+        if isinstance(hook, functools.partial):
+            inner = hook.func
+        elif isinstance(hook, types.MethodType):
+            inner = hook.__func__
+        else:  # the instance dictionary: a callable object's __getattr__ may answer anything
+            inner = getattr(hook, "__dict__", {}).get("__wrapped__")
+        if inner is None or inner is hook:
+            return hook
+        hook = inner
+    return hook
+
+
+def _origin(inner: Callable) -> str:
+    """The name of the Python module that defines an unwrapped hook's code: the function's, or the callable
+    object's class's."""
+    if isinstance(inner, _FUNCTION_TYPES):
+        return getattr(inner, "__module__", None) or ""
+    return type(inner).__module__ or ""
+
+
+def is_bookkeeping_hook(hook: Callable) -> bool:
+    """Whether a forward hook is one the path model accounts for or that leaves values alone."""
+    inner = _innermost(hook)
+    if not isinstance(inner, _FUNCTION_TYPES) and isinstance(inner, _BOOKKEEPING_HOOK_TYPES):
+        return True
+    origin = _origin(inner)
+    return origin.startswith(_BOOKKEEPING_HOOK_PREFIXES) or origin in _BOOKKEEPING_HOOK_PACKAGES
+
+
+def hook_name(hook: Callable) -> str:
+    """A short name for a hook: its function's qualified name, or its class's for a callable object, and
+    the module that defines it."""
+    inner = _innermost(hook)
+    if isinstance(inner, _FUNCTION_TYPES):
+        name = getattr(inner, "__qualname__", None) or repr(inner)
+    else:
+        name = f"{type(inner).__qualname__} object"
+    name = f"functools.partial({name})" if isinstance(hook, functools.partial) else name
+    name = name if len(name) <= 80 else name[:77] + "..."
+    origin = _origin(inner)
+    return f"{name} from {origin}" if origin else name
+
+
+def _non_bookkeeping(tables: tuple[Any, ...]) -> list[tuple[int, str, Callable]]:
+    """(handle id, kind, hook) of every hook of forward-pre-hook and forward-hook `tables` tracing leaves out."""
+    return [(key, kind, hook) for table, (_, kind) in zip(tables, _HOOK_KINDS) for key, hook in table.items()
+            if not is_bookkeeping_hook(hook)]
+
+
+def ignored_hooks(module: nn.Module) -> list[tuple[int, str, Callable]]:
+    """(handle id, kind, hook) of every forward hook and pre-hook of `module` that is not bookkeeping."""
+    return _non_bookkeeping(tuple(vars(module).get(attribute) or {} for attribute, _ in _HOOK_KINDS))
+
+
+def ignored_global_hooks() -> list[tuple[int, str, Callable]]:
+    """(handle id, kind, hook) of every global forward hook and pre-hook (they run for every module) that
+    is not bookkeeping."""
+    return _non_bookkeeping((torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks))
+
+
+def hook_signature(module: nn.Module) -> tuple[int, ...]:
+    """The handle ids of the hooks of `module` that `ignored_hooks` lists: a new one must be warned about."""
+    found = vars(module)
+    if not (found.get("_forward_hooks") or found.get("_forward_pre_hooks")):  # the common case, kept cheap
+        return ()
+    return tuple(key for key, _, _ in ignored_hooks(module))
+
+
+def global_hook_signature() -> tuple[int, ...]:
+    """The handle ids of the hooks `ignored_global_hooks` lists."""
+    if not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks):
+        return ()
+    return tuple(key for key, _, _ in ignored_global_hooks())

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import pathmonitor as pm
 from pathmonitor.callbacks.audit import main as audit
-from pathmonitor.callbacks.report import PANELS, write_report
+from pathmonitor.callbacks.report import PANELS, matching, write_report
 from shared_runs import SHAPE, weights
 
 MODEL = "pathmonitor.callbacks.digits:DigitsNet"
@@ -79,7 +79,9 @@ def test_report_plots_the_logged_series(runs, tmp_path):
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    for panel, tags in PANELS.items():
+    for panel, patterns in PANELS.items():
+        tags = matching(patterns, accumulator.Tags()["scalars"])
+        assert list(drawn[panel]) == tags, panel
         for tag in tags:  # every event, in order: a drift logged twice at one step (cadence and save) too
             expected = [(event.step, event.value) for event in accumulator.Scalars(tag)]
             assert drawn[panel][tag] == expected, tag

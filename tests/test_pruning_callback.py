@@ -257,8 +257,9 @@ class EpochEndWeights(pl.Callback):
         chosen = {n: m.weight for n, m in pl_module.net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
         self.weights[epoch] = {n: w.detach().clone() for n, w in chosen.items()}
         state = trainer.optimizers[0].state
-        self.moments[epoch] = {n: state[w]["exp_avg"].clone() for n, w in chosen.items()}
-        self.adam_steps[epoch] = {n: float(state[w]["step"]) for n, w in chosen.items()}
+        # a fresh start leaves no state: Adam creates it at its next step
+        self.moments[epoch] = {n: state[w].get("exp_avg", torch.zeros(())).clone() for n, w in chosen.items()}
+        self.adam_steps[epoch] = {n: float(state[w].get("step", 0)) for n, w in chosen.items()}
 
 
 def test_rewinding_to_an_epoch_restores_the_survivors_and_clears_their_optimizer_state(tmp_path):

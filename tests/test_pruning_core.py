@@ -12,6 +12,7 @@ from torch import nn
 import pathmonitor as pm
 from nets import make
 from pathmonitor.graph import capture
+from pathmonitor.masking import PlainMaskKeeper
 from pathmonitor.pruning import Certified, prune_round, ramped_sparsity
 from pathmonitor.scores import prunable_weights
 from pathmonitor.sources import ModuleSource
@@ -165,3 +166,29 @@ class _TwoNames(nn.Module):
 def test_a_module_registered_under_two_names_is_not_tied():
     scores = pm.path_magnitude_scores(_TwoNames(), (6,), ["a.weight"])
     assert scores["a.weight"].shape == (6, 6)
+
+
+@pytest.mark.parametrize("optimizer, settings", [(torch.optim.NAdam, {}), (torch.optim.Rprop, {}),
+                                                 (torch.optim.Adagrad, {"initial_accumulator_value": 0.3}),
+                                                 (torch.optim.Adam, {}), (torch.optim.SGD, {"momentum": 0.9})])
+def test_a_rewind_restarts_the_optimizer_state_as_a_new_optimizer_would(optimizer, settings):
+    """After the reset, the next step from the rewound weights is a new optimizer's first step: NAdam's
+    momentum product starts at 1 and Rprop's step sizes at lr, not at 0 (a learning-rate scheduler's
+    `initial_lr` in the group is no setting of the optimizer)."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(5, 3))
+    trained = optimizer([weight], lr=0.01, **settings)
+    torch.optim.lr_scheduler.StepLR(trained, 10)
+    for _ in range(3):
+        weight.grad = torch.randn(5, 3)
+        trained.step()
+    rewound = weight.detach().clone()
+    PlainMaskKeeper([trained]).optimizer_state({"w": weight}, {"w": torch.ones(5, 3, dtype=torch.bool)}, reset=True)
+    gradient = torch.randn(5, 3)
+    weight.grad = gradient.clone()
+    trained.step()
+    fresh_weight = nn.Parameter(rewound)
+    fresh = optimizer([fresh_weight], lr=0.01, **settings)
+    fresh_weight.grad = gradient.clone()
+    fresh.step()
+    assert torch.equal(weight.detach(), fresh_weight.detach())
