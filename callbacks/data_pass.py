@@ -9,6 +9,7 @@ the batches it would have seen without the monitor."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import random
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from lightning_fabric.utilities.data import sized_len
 from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
@@ -99,11 +101,11 @@ _RNG_STATES: tuple[tuple[type, Callable[[Any], Any], Callable[[Any, Any], None]]
     (np.random.RandomState, np.random.RandomState.get_state, np.random.RandomState.set_state),
     (random.Random, random.Random.getstate, random.Random.setstate),
 )
-# what holds no generator worth looking for: data, code, and the trainer (from which everything is reachable);
-# a loader's iterator holds worker processes and queues, whose generators live in the workers
+# what holds no generator worth looking for: data, classes and modules (their globals), built-in code, and the
+# trainer (from which everything is reachable); a loader's iterator holds worker processes and queues, whose
+# generators live in the workers. Functions are looked into: a transform's closure or partial may hold one
 _NO_GENERATORS = (Tensor, np.ndarray, str, bytes, bytearray, int, float, complex, type, types.ModuleType,
-                  types.FunctionType, types.BuiltinFunctionType, types.MethodType, random.SystemRandom,
-                  _BaseDataLoaderIter, pl.Trainer)
+                  types.BuiltinFunctionType, random.SystemRandom, _BaseDataLoaderIter, pl.Trainer)
 _CONTAINERS = (dict, list, tuple, set, frozenset, deque)
 _LARGE = 1000  # a longer container holds data (indices, file names, samples), not generators
 _MOST_VISITED = 20_000  # objects the search looks at, at most: a dataset referencing more holds them as data
@@ -114,27 +116,46 @@ def _rng_kind(obj: Any) -> Optional[tuple[Callable[[Any], Any], Callable[[Any, A
     return next(((get, put) for kind, get, put in _RNG_STATES if isinstance(obj, kind)), None)
 
 
-def _references(obj: Any) -> Iterable[Any]:
-    """What `obj` refers to through its attributes and, for a plain container, its entries; nothing when there are
-    too many to hold a generator."""
+def _references(obj: Any) -> list[Any]:
+    """What `obj` refers to: its attributes (in `__dict__` and `__slots__`), a plain container's entries, a
+    function's closure, a bound method's object and function, a partial's function and arguments; nothing from
+    a container too large to hold a generator."""
+    held: list[Any] = []
     attributes = getattr(obj, "__dict__", None)
-    held = list(attributes.values()) if isinstance(attributes, dict) and len(attributes) <= _LARGE else []
+    if isinstance(attributes, dict) and len(attributes) <= _LARGE:
+        held += attributes.values()
+    for cls in type(obj).__mro__:
+        slots = vars(cls).get("__slots__", ())
+        held += (getattr(obj, name, None) for name in ((slots,) if isinstance(slots, str) else slots))
     if isinstance(obj, _CONTAINERS) and len(obj) <= _LARGE:
-        held += list(obj.values()) if isinstance(obj, dict) else list(obj)
+        held += obj.values() if isinstance(obj, dict) else obj
+    if isinstance(obj, types.FunctionType):
+        held += (cell.cell_contents for cell in obj.__closure__ or () if cell.cell_contents is not None)
+    if isinstance(obj, types.MethodType):
+        held += (obj.__self__, obj.__func__)
+    if isinstance(obj, functools.partial):
+        held += (obj.func, *obj.args, *obj.keywords.values())
     return held
 
 
 def _random_generators(roots: Iterable[Any]) -> list[Any]:
-    """Every random generator reachable from `roots` by attributes and container entries, whatever it is named
-    and however deep (Lightning wraps a custom sampler in a DistributedSamplerWrapper, which holds it in a dataset
-    of its own; a dataset may hold its transforms, which hold theirs)."""
+    """Every random generator reachable from `roots` (see `_references`), whatever it is named and however deep
+    (Lightning wraps a custom sampler in a DistributedSamplerWrapper, which holds it in a dataset of its own; a
+    dataset may hold its transforms, which hold theirs). Breadth first, so that the generators a dataset holds
+    near its surface are found before its data can use up the search."""
     visited: dict[int, Any] = {}  # keeps what it names alive, so that no id is reused during the search
     found: list[Any] = []
-    pending = list(roots)
-    while pending and len(visited) < _MOST_VISITED:
-        obj = pending.pop()
+    pending = deque(roots)
+    while pending:
+        obj = pending.popleft()
         if obj is None or id(obj) in visited or isinstance(obj, _NO_GENERATORS):
             continue
+        if len(visited) == _MOST_VISITED:
+            rank_zero_warn(f"GeneralizationBoundMonitor: the search of the training dataloaders for random generators "
+                           f"(whose states the pass over the data must leave as they were) stopped after "
+                           f"{_MOST_VISITED} objects; one further in may be advanced by the pass, and training then "
+                           f"see other random draws. Pass n_samples= and input_bound= to skip the pass.")
+            break
         visited[id(obj)] = obj
         if _rng_kind(obj) is not None:
             found.append(obj)
@@ -215,12 +236,14 @@ def _batch_size(loader: DataLoader) -> Optional[int]:
 
 
 def _in_order(loader: DataLoader) -> DataLoader:
-    """This rank's share of the loader's whole dataset, read in order in the main process, in the loader's batches
-    and with its collate_fn; every sample once, whatever the loader drops."""
+    """This rank's share of the loader's whole dataset, read in order in the loader's batches, with its collate_fn
+    and as many worker processes as it has (its own, not the loader's); every sample once, whatever it drops."""
     rank, size = world()
     dataset = loader.dataset
     shard = dataset if size == 1 else Subset(dataset, range(rank, len(dataset), size))
-    return DataLoader(shard, batch_size=_batch_size(loader), shuffle=False, collate_fn=loader.collate_fn)
+    return DataLoader(shard, batch_size=_batch_size(loader), shuffle=False, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context if loader.num_workers else None)
 
 
 def _padding(loader: Any) -> int:

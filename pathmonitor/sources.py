@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Mapping, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -111,9 +112,11 @@ class ModuleSource:
 
 def _check_same_kind(name: str, own: nn.Module, module: nn.Module) -> None:
     """The other network's module `own` can stand in for the model's `module` under the model's graph."""
-    if type(own) is not type(module):
-        raise ParameterMismatchError(f"module {name!r} is a {type(own).__name__} in the other network, "
-                                     f"a {type(module).__name__} in the model")
+    # a parametrized module has a class of its own per instance: the class it had before counts
+    kind, other_kind = type_before_parametrizations(own), type_before_parametrizations(module)
+    if kind is not other_kind:
+        raise ParameterMismatchError(f"module {name!r} is a {kind.__name__} in the other network, "
+                                     f"a {other_kind.__name__} in the model")
     if getattr(own, "eps", None) != getattr(module, "eps", None):  # batch-norm is folded with the model's
         raise ParameterMismatchError(f"batch-norm {name!r} has eps={own.eps} in the other network, "
                                      f"eps={module.eps} in the model")

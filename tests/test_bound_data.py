@@ -4,6 +4,7 @@ a gap only from metrics logged in its own epoch, the measured accuracy gap's lim
 generator of the data left as it was."""
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 
@@ -296,12 +297,39 @@ class Jitter:
         return x + float(draw)
 
 
-class Jittered(Points):
-    """Points through augmentations kept deep in the dataset, under names other than `generator`."""
+class Slotted:
+    """A transform object with `__slots__` (no `__dict__`)."""
 
-    def __init__(self, kind: str):
+    __slots__ = ("jitter",)
+
+    def __init__(self, jitter: Jitter):
+        self.jitter = jitter
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.jitter(x)
+
+
+def _applied(jitter: Jitter, x: torch.Tensor) -> torch.Tensor:
+    return jitter(x)
+
+
+def _held(jitter: Jitter, holder: str):
+    """The augmentation as a dataset may hold it: the object, a closure over it, a partial of it, a slot."""
+    if holder == "closure":
+        return lambda x: jitter(x)
+    if holder == "partial":
+        return functools.partial(_applied, jitter)
+    return Slotted(jitter) if holder == "slots" else jitter
+
+
+class Jittered(Points):
+    """Points through augmentations kept deep in the dataset, under names other than `generator`, before
+    COCO-like metadata (thousands of small dicts and lists) that a depth-first search would go through first."""
+
+    def __init__(self, kind: str, holder: str = "object"):
         super().__init__()
-        self.transforms = {"train": [Jitter(kind)]}
+        self.transforms = {"train": [_held(Jitter(kind), holder)]}
+        self.meta = [{"anns": [{"bbox": [1, 2, 3, 4], "seg": [[1, 2], [3, 4]]} for _ in range(8)]} for _ in range(500)]
 
     def __getitem__(self, index: int):
         x, y = super().__getitem__(index)
@@ -313,11 +341,13 @@ class FirstBatch(pl.Callback):
         self.x = batch[0].clone()
 
 
-@pytest.mark.parametrize("kind", ["numpy Generator", "numpy RandomState", "random.Random", "torch.Generator"])
-def test_the_pass_leaves_every_random_generator_of_the_dataset_as_it_was(kind):
+@pytest.mark.parametrize("kind, holder", [(kind, "object") for kind in ("numpy Generator", "numpy RandomState",
+                                                                          "random.Random", "torch.Generator")]
+                         + [("numpy Generator", holder) for holder in ("closure", "partial", "slots")])
+def test_the_pass_leaves_every_random_generator_of_the_dataset_as_it_was(kind, holder):
     first = []
     for monitors in ([GeneralizationBoundMonitor()], []):
         recorder = FirstBatch()
-        fit(Net(), DataLoader(Jittered(kind), batch_size=8), callbacks=[*monitors, recorder])
+        fit(Net(), DataLoader(Jittered(kind, holder), batch_size=8), callbacks=[*monitors, recorder])
         first.append(recorder.x)
     assert torch.equal(*first)

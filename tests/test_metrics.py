@@ -390,3 +390,17 @@ def test_batch_norms_with_different_eps_are_refused():
     other[1].eps = 0.5
     with pytest.raises(pm.ParameterMismatchError, match="eps=0.5 in the other network"):
         pm.path_metric(net, other, (3,))
+
+
+def test_two_separately_built_parametrized_networks_compare():
+    """torch.nn.utils.parametrize gives every parametrized module a class of its own: the class it had before
+    is what must match, and the path-metric reads the weights the parametrization computes."""
+    def build():
+        return nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2))
+
+    torch.manual_seed(0)
+    first, second = build(), build()
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    plain.load_state_dict({"0.weight": second[0].weight.detach(), "0.bias": second[0].bias.detach(),
+                           "2.weight": second[2].weight.detach(), "2.bias": second[2].bias.detach()})
+    assert pm.path_metric(first, second, (4,)).value == pm.path_metric(first, plain, (4,)).value > 0
