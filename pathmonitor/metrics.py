@@ -23,7 +23,7 @@ from .logmath import exp_or_inf, log_difference, log_sum
 from .norms import norm_and_log_of, unwrapped, validated_input_shape
 from .sources import (AbsoluteMagnitudes, EdgeMagnitudes, Edges, EdgeSource, Envelopes, ModuleSource,
                       ParameterEdges, ParameterSource, SignSplitEdges, StateDictSource, TransformedSource,
-                      common_dtype, magnitude, paired_edges)
+                      common_dtype, magnitude, paired_edges, submodule)
 
 Kind = Literal["pruning", "same_sign", "general"]
 Network = Union[nn.Module, Mapping[str, Tensor]]
@@ -101,7 +101,7 @@ class _ComparingMagnitudes:
 
     def compare_every_module(self, graph: PathGraph, model: nn.Module) -> None:
         """The comparison alone, without a pass: each affine module read once, in the order a pass reads them."""
-        modules = {name: model.get_submodule(name) for name in graph.affine_modules()}
+        modules = {name: submodule(model, name) for name in graph.affine_modules()}
         with gathering_in_order(modules.values()):
             for name, module in modules.items():
                 with paired_edges(self.first, self.second, name, module) as pairs:

@@ -13,7 +13,7 @@ from .engine import Scaled, evaluate, exact_values, is_precise, log_of
 from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import PathGraph, PerGraph, capture, check_graph
 from .layers import tensor_names
-from .sources import AbsoluteMagnitudes, MetaSource, ModuleSource, ParameterEdges, ParameterSource
+from .sources import AbsoluteMagnitudes, MetaSource, ModuleSource, ParameterEdges, ParameterSource, submodule
 
 
 class PathNormOverflowWarning(RuntimeWarning):
@@ -144,7 +144,7 @@ def _tensor_shapes(graph: PathGraph, model: nn.Module) -> tuple:
     """The full shape of every tensor the graph reads (None where a module has no such tensor)."""
     shapes = []
     for name in dict.fromkeys(graph.affine_modules()):
-        module = model.get_submodule(name)
+        module = submodule(model, name)
         tensors = (getattr(module, key, None) for key in tensor_names(module))
         shapes.append(tuple(None if t is None else tuple(full_shape(t)) for t in tensors))
     return tuple(shapes)

@@ -25,7 +25,7 @@ from .errors import PathComputationError
 from .graph import OpKind, PathGraph, PathOp, capture
 from .layers import parameter_name
 from .norms import norm_of, unwrapped, validated_input_shape, validated_q
-from .sources import AbsoluteMagnitudes, ModuleSource, ParameterEdges, ParameterSource, Tensors
+from .sources import AbsoluteMagnitudes, ModuleSource, ParameterEdges, ParameterSource, Tensors, submodule
 
 GradientSink = Callable[[str, nn.Parameter, Tensor], None]
 
@@ -157,7 +157,7 @@ def _op_by_op(graph: PathGraph, model: nn.Module, source: ParameterSource, q: fl
         penalty = penalty_of(Scaled(leaf, total.log_scale), q, log)
         (seed,) = torch.autograd.grad(penalty, [leaf])
     upstream: dict[int, Any] = {len(graph.ops) - 1: seed}
-    with gathering_in_order(model.get_submodule(name) for name in reversed(graph.affine_modules())):
+    with gathering_in_order(submodule(model, name) for name in reversed(graph.affine_modules())):
         for index in range(len(graph.ops) - 1, -1, -1):
             grad = upstream.pop(index, None)
             op = graph.ops[index]
@@ -180,7 +180,7 @@ def _op_backward(op: PathOp, grad: Any, values: list[Any], interpreter: Interpre
         stack.enter_context(torch.enable_grad())
         evaluator, named = interpreter, []
         if op.kind is OpKind.AFFINE:  # differentiate inside the gather, while the parameters are whole
-            module = model.get_submodule(op.target)
+            module = submodule(model, op.target)
             tensors = stack.enter_context(source.tensors(op.target, module))
             evaluator = Interpreter(interpreter.graph, model, AbsoluteMagnitudes(ParameterEdges(_Opened(tensors)),
                                     interpreter.dtype), interpreter.q, interpreter.log_scaled,

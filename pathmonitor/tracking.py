@@ -24,7 +24,7 @@ from .distributed import ShardedSnapshot, is_dtensor, is_sharded
 from .graph import PathGraph, capture
 from .metrics import PathMetric, metric_and_norm
 from .norms import norm_and_log, unwrapped, validated_input_shape, validated_q
-from .sources import ModuleSource, ParameterSource
+from .sources import ModuleSource, ParameterSource, submodule
 
 T = TypeVar("T")
 
@@ -109,7 +109,7 @@ class TrackedModel:
 
     def snapshot(self) -> ShardedSnapshot:
         """A frozen copy of the current weights and running statistics, sharded like the parameters."""
-        modules = {name: self.model.get_submodule(name) for name in dict.fromkeys(self.graph.affine_modules())}
+        modules = {name: submodule(self.model, name) for name in dict.fromkeys(self.graph.affine_modules())}
         with self.source.buffers_held():
             return ShardedSnapshot.take(modules, self.source, sharded=is_sharded(self.model))
 
