@@ -22,7 +22,7 @@ from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
 from .norms import norm_and_log_of, unwrapped, validated_input_shape
 from .sources import (AbsoluteMagnitudes, EdgeMagnitudes, Edges, EdgeSource, Envelopes, ModuleSource,
-                      ParameterEdges, ParameterSource, SignSplitEdges, StateDictSource, TransformedSource,
+                      ParameterEdges, ParameterSource, StateDictSource, TransformedSource,
                       common_dtype, magnitude, paired_edges, submodule)
 
 Kind = Literal["pruning", "same_sign", "general"]
@@ -64,6 +64,13 @@ def _between_zero_and(x: Tensor, y: Tensor) -> bool:
     return not bool((x - y).sign_().mul_(y.sign()).lt_(0).any())
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite. A sum is finite only when every term is, and one reduction reads the
+    tensor once where `isfinite` makes three passes; a sum of finite entries that overflows is checked entry
+    by entry."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _opposite_signs(x: Tensor, y: Tensor) -> bool:
     return bool((x.sign() * y.sign()).lt_(0).any())
 
@@ -91,7 +98,7 @@ class _ComparingMagnitudes:
             x, y = common_dtype(x.detach(), y.detach())
             # sign(NaN) is 0, which would pass every test below: the first network's own pass refuses its
             # NaN, the second's is refused here
-            if not bool(torch.isfinite(y).all()):
+            if not _all_finite(y):
                 raise PathComputationError(f"module {name!r} of the other network holds a NaN or infinite value")
             self.second_inside = self.second_inside and _between_zero_and(x, y)
             self.first_inside = self.first_inside and _between_zero_and(y, x)
@@ -106,12 +113,6 @@ class _ComparingMagnitudes:
             for name, module in modules.items():
                 with paired_edges(self.first, self.second, name, module) as pairs:
                     self._compare(name, pairs)
-
-
-def _envelopes(first: EdgeSource, second: EdgeSource) -> list[EdgeMagnitudes]:
-    """max(|a|,|b|) and min(|a|,|b|): the difference of their L1 path-norms bounds the metric (MATH.md §3)."""
-    envelopes = Envelopes(first, second)
-    return [envelopes.upper, envelopes.lower]
 
 
 def metric_between(graph: PathGraph, model: nn.Module, first: ParameterSource, second: ParameterSource) -> PathMetric:
@@ -143,10 +144,13 @@ def metric_and_norm(graph: PathGraph, model: nn.Module, first: ParameterSource, 
             log_value = log_difference(max(log_norm_a, log_norm_b), min(log_norm_a, log_norm_b))
             kind, exact = "pruning", True
         elif not comparing.conflicts:
-            log_value, kind, exact = log_difference(*_log_l1s(graph, model, _envelopes(a, b))), "same_sign", False
-        else:
-            split = SignSplitEdges(a, b)
-            log_split, log_max, log_min = _log_l1s(graph, model, [AbsoluteMagnitudes(split), *_envelopes(split, b)])
+            # max(|a|,|b|) and min(|a|,|b|): the difference of their L1 path-norms bounds the metric (MATH.md §3)
+            envelopes = Envelopes(a, b)
+            log_value = log_difference(*_log_l1s(graph, model, [envelopes.upper, envelopes.lower]))
+            kind, exact = "same_sign", False
+        else:  # through a's sign split theta'': an exact term and an envelope term (MATH.md §3)
+            envelopes = Envelopes(a, b, split_signs=True)
+            log_split, log_max, log_min = _log_l1s(graph, model, [envelopes.split, envelopes.upper, envelopes.lower])
             log_value = log_sum(log_difference(log_norm_a, log_split), log_difference(log_max, log_min))
             kind, exact = "general", False
     value = exp_or_inf(log_value)

@@ -255,24 +255,6 @@ def paired_edges(first: EdgeSource, second: EdgeSource, name: str, module: nn.Mo
         yield pairs
 
 
-class SignSplitEdges:
-    """theta with every coordinate whose sign differs from theta' set to zero (MATH.md section 3); each
-    module's split is computed once for all the networks of a walk that read it."""
-
-    def __init__(self, first: EdgeSource, second: EdgeSource):
-        self.first, self.second = first, second
-        self._split: LastModuleMemo[Edges] = LastModuleMemo()
-
-    @contextlib.contextmanager
-    def edges(self, name: str, module: nn.Module) -> Iterator[Edges]:
-        yield self._split.get(name, lambda: self._compute(name, module))
-
-    def _compute(self, name: str, module: nn.Module) -> Edges:
-        with paired_edges(self.first, self.second, name, module) as pairs:
-            return tuple(None if x is None else torch.where(x.sign() * y.sign() < 0, torch.zeros_like(x), x)
-                         for x, y in pairs)  # type: ignore[return-value]
-
-
 def magnitude(t: Optional[Tensor], dtype: torch.dtype = torch.float64) -> Optional[Tensor]:
     """|t| in `dtype`: a fresh tensor, never a view of the model's own."""
     if t is None:
@@ -304,39 +286,50 @@ class AbsoluteMagnitudes:
 
 
 class Envelopes:
-    """max(|theta|, |theta'|) and min(|theta|, |theta'|) coordinate-wise (MATH.md §3), as the magnitudes
-    `upper` and `lower`; each module's pair is computed once for both."""
+    """max(|theta|, |theta'|) and min(|theta|, |theta'|) coordinate-wise (MATH.md section 3), as the
+    magnitudes `upper` and `lower`. With `split_signs`, theta is first replaced by theta'': theta with every
+    coordinate whose sign differs from theta' set to zero, and `split` is |theta''| (|theta| without it).
 
-    def __init__(self, first: EdgeSource, second: EdgeSource):
-        self.first, self.second = first, second
-        self._pairs: LastModuleMemo[tuple[Edges, Edges]] = LastModuleMemo()
-        self.upper, self.lower = _Envelope(self, 0), _Envelope(self, 1)
+    The three of a module are computed together, once for every network of a walk that reads them, and in
+    place in float64 buffers: on a CPU each fresh weight-sized tensor costs a page fault per 4 KB, more
+    than the arithmetic."""
 
-    def both(self, name: str, module: nn.Module) -> tuple[Edges, Edges]:
-        return self._pairs.get(name, lambda: self._compute(name, module))
+    def __init__(self, first: EdgeSource, second: EdgeSource, split_signs: bool = False):
+        self.sources = (first, second)
+        self.split_signs = split_signs
+        self._magnitudes: LastModuleMemo[tuple[Edges, Edges, Edges]] = LastModuleMemo()
+        self.upper, self.lower, self.split = _Envelope(self, 0), _Envelope(self, 1), _Envelope(self, 2)
 
-    def _compute(self, name: str, module: nn.Module) -> tuple[Edges, Edges]:
-        upper, lower = [], []
-        with paired_edges(self.first, self.second, name, module) as pairs:
+    def magnitudes(self, name: str, module: nn.Module) -> tuple[Edges, Edges, Edges]:
+        return self._magnitudes.get(name, lambda: self._compute(name, module))
+
+    def _compute(self, name: str, module: nn.Module) -> tuple[Edges, Edges, Edges]:
+        upper, lower, split = [], [], []
+        with paired_edges(*self.sources, name, module) as pairs:
             for x, y in pairs:
                 if x is None:
-                    upper.append(None), lower.append(None)
+                    upper.append(None), lower.append(None), split.append(None)
                     continue
-                x, y = common_dtype(x.abs(), y.abs())  # reduced before widening to float64: half the traffic
-                upper.append(torch.maximum(x, y).to(torch.float64))
-                lower.append(torch.minimum(x, y).to(torch.float64))
-        return tuple(upper), tuple(lower)  # type: ignore[return-value]
+                first = x.detach().to(torch.float64, copy=True)
+                if self.split_signs:  # signs, not the product x*y, which can underflow to zero
+                    first.masked_fill_(torch.sign(x).mul_(torch.sign(y)).lt_(0).bool(), 0.0)
+                first.abs_()
+                second = y.detach().to(torch.float64, copy=True).abs_()
+                lower.append(torch.minimum(first, second))
+                upper.append(torch.maximum(first, second, out=second))
+                split.append(first)
+        return tuple(upper), tuple(lower), tuple(split)  # type: ignore[return-value]
 
 
 class _Envelope:
-    """One of the two magnitudes of `Envelopes` (0: max, 1: min)."""
+    """One of the magnitudes of `Envelopes` (0: max, 1: min, 2: the first network's, split)."""
 
     def __init__(self, envelopes: Envelopes, which: int):
         self.envelopes, self.which = envelopes, which
 
     @contextlib.contextmanager
     def affine(self, name: str, module: nn.Module) -> Iterator[Edges]:
-        yield self.envelopes.both(name, module)[self.which]
+        yield self.envelopes.magnitudes(name, module)[self.which]
 
 
 class ScoringMagnitudes:

@@ -13,7 +13,7 @@ import pathmonitor as pm
 from nets import ORACLE_NETS, make
 from oracle import enumerated_path_metric, neuron_dag, path_sum
 from random_nets import random_net
-from perturb import perturbed
+from perturb import AFFINE, perturbed
 
 TINY = ["tiny_residual", "tiny_conv", "two_heads"]
 
@@ -50,6 +50,54 @@ def test_bounds_dominate_the_true_path_metric(name, kind):
     assert metric.value >= truth * (1 - 1e-12)
     assert metric.relative == pytest.approx(metric.value / float(pm.path_norm(net, shape).detach()), rel=1e-9)
 
+
+
+def _folded(module):
+    """Signed (edge weights, biases) in float64; a batch-norm folded by hand: a = gamma/sqrt(var+eps),
+    c = beta - mean*a."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        a = module.weight.double() / torch.sqrt(module.running_var.double() + module.eps)
+        return a, module.bias.double() - module.running_mean.double() * a
+    return module.weight.double(), None if module.bias is None else module.bias.double()
+
+
+def _surgery(first, second, combine):
+    """A float64 copy of `first` whose every affine module holds combine(x, y) of the two networks' edges
+    (a batch-norm then has zero mean and unit variance, so that its folded edges are exactly those)."""
+    built = copy.deepcopy(first).double()
+    with torch.no_grad():
+        for (name, target), m_first, m_second in zip(built.named_modules(), first.modules(), second.modules()):
+            if not isinstance(target, AFFINE):
+                continue
+            edges = [None if x is None else combine(x, y) for x, y in zip(_folded(m_first), _folded(m_second))]
+            if isinstance(target, nn.modules.batchnorm._BatchNorm):
+                target.running_mean.zero_()
+                target.running_var.fill_(1 - target.eps)
+            for p, value in zip((target.weight, target.bias), edges):
+                if p is not None:
+                    p.copy_(value)
+    return built
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("kind", ["same_sign", "general"])
+def test_bounds_equal_their_formulas_on_networks_built_by_surgery(name, kind):
+    """same_sign: ||Phi(max(|a|,|b|))||_1 - ||Phi(min(|a|,|b|))||_1; general: the same through the sign split a''
+    (a's coordinates of sign opposite to b's set to 0), plus ||Phi(a)||_1 - ||Phi(a'')||_1 (MATH.md §3)."""
+    net, shape = make(name, 5)
+    other = perturbed(net, kind, torch.Generator().manual_seed(6))
+    norm = lambda network: float(pm.path_norm(network, shape).detach())  # noqa: E731
+    first, expected = net, 0.0
+    if kind == "general":
+        split = lambda x, y: torch.where(x.sign() * y.sign() < 0, torch.zeros_like(x), x)  # noqa: E731
+        first = _surgery(net, other, split)
+        expected = norm(net) - norm(first)
+    upper = _surgery(first, other, lambda x, y: torch.maximum(x.abs(), y.abs()))
+    lower = _surgery(first, other, lambda x, y: torch.minimum(x.abs(), y.abs()))
+    expected += norm(upper) - norm(lower)
+    metric = pm.path_metric(net, other, shape)
+    assert metric.kind == kind and norm(upper) > norm(lower) > 0
+    assert metric.value == pytest.approx(expected, rel=1e-12, abs=1e-12 * norm(upper))
 
 @settings(max_examples=30, deadline=None)
 @given(name=st.sampled_from(sorted(ORACLE_NETS)), kind=st.sampled_from(["pruning", "same_sign", "general"]),
