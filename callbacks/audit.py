@@ -22,7 +22,7 @@ import torch
 
 import pathmonitor as pm
 from pathmonitor.graph import capture
-from pathmonitor.metrics import certified_change, metric_and_norm
+from pathmonitor.metrics import certified_change, metric_and_norm, parameter_source
 from pathmonitor.norms import norm_and_log, validated_input_shape
 from pathmonitor.sources import ModuleSource
 
@@ -108,7 +108,7 @@ def drift(args: argparse.Namespace, progress: Progress) -> dict:
     with progress.step(f"reading {args.old.name}", args.old):
         old = load_model(args.old, args.model, like=new)  # a bare state_dict is read into NEW's architecture
     with progress.step("path-metric", args.old):  # what can fail now is OLD: its values, its fit to NEW's architecture
-        metric, _ = metric_and_norm(graph, new.model, source, ModuleSource(old.model), norm_new)
+        metric, _ = metric_and_norm(graph, new.model, source, parameter_source(old.model, new.model, graph), norm_new)
     result = {"command": "drift", "old": str(old.path), "new": str(new.path), "input_shape": list(shape),
               "value": _finite_or_none(metric.value), "log10_value": _log10(metric.log_value),
               "relative": _finite_or_none(metric.relative), "exact": metric.exact, "kind": metric.kind}

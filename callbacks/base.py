@@ -14,6 +14,7 @@ from typing import Any, Hashable, Mapping, Optional, Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import nn
 
 from pathmonitor.distributed import has_class_named
@@ -57,11 +58,26 @@ class PathCallback(Callback):
         self.module = module
         self.input_shape = None if input_shape is None else validated_input_shape(input_shape)
         self._tracked: Optional[TrackedModel] = None
+        self._attached = False
 
     # -- set-up --------------------------------------------------------------------------------------
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        self.start_fit()
+        self._attached = False
+        # Lightning builds the layers of `configure_model` after every `setup` hook: those models are
+        # attached at `on_fit_start`, still before the first step
+        if not is_overridden("configure_model", pl_module):
+            self.attach(trainer, pl_module)
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._attached:
+            self.attach(trainer, pl_module)
+
+    def attach(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Resolve the watched module and the input shape, check support and share the tracked model."""
+        self._attached = True
         watched = self.watched_module(pl_module)
         shape = self.resolved_input_shape(pl_module)
         report = check_support(watched, shape)
@@ -73,7 +89,6 @@ class PathCallback(Callback):
         # a new fit: step numbers start again (every callback's set-up precedes every evaluation)
         self._tracked.fit += 1
         self._tracked.input_bound = None  # until a GeneralizationBoundMonitor of this fit measures it
-        self.start_fit()
 
     def start_fit(self) -> None:
         """Forget the counters of an earlier fit (a resumed one gets them back from its checkpoint,
@@ -135,6 +150,13 @@ def check_deepspeed_gradients(engine: Any, who: str) -> None:
 def is_due(step: int, every_n: Optional[int], last_step: int) -> bool:
     """Right after an optimizer step, when `step` (1 after the first step) is a multiple of n and not yet handled."""
     return every_n is not None and step > 0 and step != last_step and step % every_n == 0
+
+
+def ends_the_epoch(trainer: "pl.Trainer") -> bool:
+    """Whether the training batch that just ended is its epoch's last (as Lightning decides it): the
+    epoch-end validation, and a checkpoint saved at its end, come after it and before `on_train_epoch_end`."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.is_last_batch or progress.current.ready == trainer.num_training_batches
 
 
 def restore(target: Any, state: Mapping[str, Any], keys: Sequence[str]) -> None:

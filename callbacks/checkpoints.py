@@ -63,11 +63,13 @@ def load_model(path: Path, model_spec: Optional[str] = None, like: Optional[Load
         else:
             raise AuditError(path, "not a checkpoint: neither a Lightning checkpoint (a 'state_dict' mapping) nor a "
                                    "state_dict of tensors")
-    hyper_parameters = meta.get("hyper_parameters") or (like.hyper_parameters if like is not None else {})
+    # only a checkpoint that records none takes `like`'s: an empty record means a model built without arguments
+    hyper_parameters = meta["hyper_parameters"] if "hyper_parameters" in meta else (
+        like.hyper_parameters if like is not None else {})
     if not isinstance(hyper_parameters, Mapping):
         hyper_parameters = vars(hyper_parameters) if hasattr(hyper_parameters, "__dict__") else {}
     model = _instantiate(path, model_spec, hyper_parameters)
-    state = _fold_prune_pairs(dict(state))
+    state = _without_wrapper_prefix(_fold_prune_pairs(dict(state)), model)
     try:
         # assign: the checkpoint's tensors as they are, float64 ones included (a copy would cast them)
         model.load_state_dict(state, strict=True, assign=True)
@@ -209,6 +211,22 @@ def _fold_prune_pairs(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+def _without_wrapper_prefix(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """The state dict without a prefix that every entry carries and no name of the model has (torch.compile's
+    `_orig_mod.`, DDP's `module.`, a LightningModule's attribute holding `--model`), when what is left is
+    exactly the model's names; otherwise as it is, for the strict load to say what does not fit."""
+    expected = set(model.state_dict())
+    if not state or set(state) == expected:
+        return state
+    first = next(iter(state))
+    wrapped = max((name for name in expected if first.endswith("." + name)), key=len, default=None)
+    if wrapped is None:
+        return state
+    prefix = first[: -len(wrapped)]
+    stripped = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return stripped if len(stripped) == len(state) and set(stripped) == expected else state
+
+
 def _apply_pruning_masks(path: Path, model: nn.Module, callbacks: Mapping[str, Any]) -> int:
     """Apply the masks of every saved PathBudgetPruning (or subclass) state, recognized by its form: a
     `masks` mapping of boolean tensors beside `rounds`."""
@@ -238,7 +256,8 @@ def _apply_pruning_masks(path: Path, model: nn.Module, callbacks: Mapping[str, A
 
 
 def _state_key_module(path: Path, key: Any) -> Optional[str]:
-    """The `module` a callback's state key records: `PathBudgetPruning{'scope': ..., 'module': 'net'}`."""
+    """The `module` a callback's state key records: `PathBudgetPruning{'module': 'net'}` (earlier versions
+    also recorded the scope)."""
     text = str(key)
     try:
         fields = ast.literal_eval(text[text.index("{"):])

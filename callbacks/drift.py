@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Hashable, Literal, Optional, Sequence
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.utilities import rank_zero_warn
 
 from pathmonitor.bounds import check_number
@@ -74,6 +75,11 @@ class PathMetricDrift(PathCallback):
             raise MonitorError(f"two PathMetricDrift callbacks would log under the same tags {self.prefix}/...: give "
                                f"each its own prefix, e.g. PathMetricDrift(reference={self.reference!r}, "
                                f"prefix='pathmetric_{self.reference}')")
+        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, WeightAveraging)]
+        if self.reference == "last_checkpoint" and averaging:
+            rank_zero_warn(f"PathMetricDrift(reference='last_checkpoint') with {averaging[0]}: the checkpoints hold "
+                           f"the averaged weights, the drift series is that of the weights being trained between the "
+                           f"steps of the saves (`pathmonitor drift` on two of the files compares the averages)")
         weights_only = [c for c in trainer.checkpoint_callbacks if getattr(c, "save_weights_only", False)]
         if self.reference == "last_checkpoint" and weights_only:
             raise MonitorError("PathMetricDrift(reference='last_checkpoint') cannot follow ModelCheckpoint("

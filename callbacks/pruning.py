@@ -18,8 +18,8 @@ from pathmonitor.masking import MaskKeeper, mask_keeper
 from pathmonitor.pruning import Budget, Certified, Ramp, Scope, check_budget, prune_round, ramped_sparsity
 from pathmonitor.scores import check_untied, selected_modules
 
-from .base import (MonitorError, PathCallback, between_deepspeed_micro_batches, check_deepspeed_gradients, is_due,
-                   log_values, restore)
+from .base import (MonitorError, PathCallback, between_deepspeed_micro_batches, check_deepspeed_gradients,
+                   ends_the_epoch, is_due, log_values, restore)
 
 Selection = Sequence[tuple[nn.Module, str]]
 
@@ -102,19 +102,28 @@ class PathBudgetPruning(PathCallback):
         self.last: dict[str, float] = {}
         self.last_step = -1
         self.rounds = 0
+        self._restored = False  # masks came from a checkpoint in this fit
         self.enforcing = False  # whether any entry is pruned: the masks then hold at every step
         self.keeper: Optional[MaskKeeper] = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(scope=self.scope, module=self.module)
+        # the masks belong to the module, whatever the settings of later rounds (a resumed run may change scope)
+        return self._generate_state_key(module=self.module)
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states:  # keyed with the scope by earlier versions
+            earlier = (self._generate_state_key(scope=scope, module=self.module) for scope in ("global", "layer"))
+            found = next((states[key] for key in earlier if key in states), None)
+            if found is not None:
+                self.load_state_dict(found)
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def attach(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         earlier = self._tracked
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
+        super().attach(trainer, pl_module)
         watched = self.watched_module(pl_module)
         graph = self.tracked.graph
         try:
@@ -128,9 +137,12 @@ class PathBudgetPruning(PathCallback):
                                f"weight on its input-output paths to prune")
         _check_plain_weights(watched, names)
         fresh = {name: torch.ones(full_shape(watched.get_submodule(name).weight), dtype=torch.bool) for name in names}
+        fitting = self.masks.keys() == fresh.keys() and all(self.masks[name].shape == mask.shape
+                                                             for name, mask in fresh.items())
+        if self._restored and not fitting:  # restored before this (a model built in configure_model)
+            self._check_saved_masks(self.masks, fresh)
         # another fit of the same model goes on from the masks of the last: what was pruned stays pruned
-        if not (earlier is not None and earlier.is_of(watched) and self.masks.keys() == fresh.keys()
-                and all(self.masks[name].shape == mask.shape for name, mask in fresh.items())):
+        if not (fitting and (self._restored or (earlier is not None and earlier.is_of(watched)))):
             self.masks = fresh
         self._masks_changed()
 
@@ -146,8 +158,10 @@ class PathBudgetPruning(PathCallback):
 
     def start_fit(self) -> None:
         self.last, self.last_step, self.rounds, self.rewind = {}, -1, 0, None
+        self._restored = False
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_start(trainer, pl_module)
         deepspeed = has_class_named(trainer.model, "DeepSpeedEngine")
         if is_sharded(pl_module) and not deepspeed:
             raise MonitorError("PathBudgetPruning runs on one process, under DDP and under DeepSpeed ZeRO-1/2/3; "
@@ -216,10 +230,16 @@ class PathBudgetPruning(PathCallback):
             due = is_due(step, self.every_n_steps, self.last_step) and self._in_window(step)
         if due:
             self._round(trainer, step)
+        elif ends_the_epoch(trainer):
+            # before the epoch-end validation: a checkpoint saved at its end holds this epoch's round
+            self._epoch_end(trainer)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._epoch_end(trainer)  # an epoch cut short (max_steps) ends here; otherwise done at its last batch
+
+    def _epoch_end(self, trainer: "pl.Trainer") -> None:
         epoch = trainer.current_epoch + 1
-        # a run resumed from a checkpoint saved at an epoch's end may see that end again
+        # done at this step already (the epoch's last batch), or a resumed run sees a saved epoch's end again
         if self.every_n_epochs is None or trainer.global_step == self.last_step:
             return
         self._keep_rewind_point(epoch)
@@ -315,11 +335,22 @@ class PathBudgetPruning(PathCallback):
         restore(self, state_dict, ("rounds", "last", "last_step", "rewind"))
         saved = state_dict.get("masks")
         if saved is not None:
-            if saved.keys() != self.masks.keys() and self.masks:
-                raise MonitorError(f"PathBudgetPruning: the checkpoint's masks are for {sorted(saved)}, this model "
-                                   f"prunes {sorted(self.masks)}")
+            if self.masks:  # attached already; else checked when attached
+                self._check_saved_masks(saved, self.masks)
             self.masks = {name: mask.clone() for name, mask in saved.items()}
+            self._restored = True
             self._masks_changed()
+
+    @staticmethod
+    def _check_saved_masks(saved: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+        if saved.keys() != own.keys():
+            raise MonitorError(f"PathBudgetPruning: the checkpoint's masks are for {sorted(saved)}, this model "
+                               f"prunes {sorted(own)}")
+        wrong = [name for name in own if tuple(saved[name].shape) != tuple(own[name].shape)]
+        if wrong:
+            raise MonitorError(f"PathBudgetPruning: the checkpoint's masks for {wrong} have shapes "
+                               f"{[tuple(saved[n].shape) for n in wrong]}, this model's weights "
+                               f"{[tuple(own[n].shape) for n in wrong]}")
 
 
 def _check_plain_weights(watched: nn.Module, names: list[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
 from pathmonitor.bounds import check_number
@@ -69,6 +70,7 @@ class PathNormRegularizer(PathCallback):
         self.last = {}
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_start(trainer, pl_module)
         self.weight_at(trainer.global_step)  # a schedule that returns nonsense fails before the first step
         if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
             raise MonitorError(f"PathNormRegularizer with manual optimization needs a single optimizer; "
@@ -76,6 +78,12 @@ class PathNormRegularizer(PathCallback):
                                f"pathmonitor.path_norm_penalty to the loss in training_step instead.")
         if has_class_named(trainer.model, "DeepSpeedEngine"):
             check_deepspeed_gradients(trainer.model, "PathNormRegularizer")
+            if trainer.accumulate_grad_batches > 1:
+                k = trainer.accumulate_grad_batches
+                rank_zero_warn(f"PathNormRegularizer under DeepSpeed with accumulate_grad_batches={k}: Lightning "
+                               f"and DeepSpeed each divide the training loss by {k}, so its gradient is 1/{k} of what "
+                               f"it is on one process or under DDP, while the penalty keeps its weight; pass "
+                               f"weight / {k} to weigh the two as DDP does")
 
     def weight_at(self, step: int) -> float:
         """The weight of the penalty at optimizer step `step`."""

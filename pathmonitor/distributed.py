@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar
 
@@ -335,6 +336,10 @@ class ShardedSnapshot:
                                                  f"{name!r} ({type(module).__name__})")
                 continue
             present[key] = full_name
+        device = own_device(module)
+        for full_name in present.values():  # restored from a checkpoint, a copy is on the CPU: it joins the model
+            if device is not None and self.pieces[full_name].device != device:
+                self.pieces[full_name] = self.pieces[full_name].to(device)
         if self.sharded:  # a collective; within a pass, the networks of one walk share it
             found = self._assembled.get(name, lambda: dict(zip(present, _assemble(
                 [self.pieces[n] for n in present.values()], [self.shapes[n] for n in present.values()]))))
@@ -360,6 +365,12 @@ class ShardedSnapshot:
                              f"sharded reference cannot be restored from it")
         return cls(dict(state["pieces"]), {k: tuple(v) for k, v in state["shapes"].items()}, state["sharded"],
                    state["world_size"], rank)
+
+
+def own_device(module: nn.Module) -> Optional[torch.device]:
+    """The device of a module's own tensors (a layer's), None when it holds none."""
+    own = next(itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)), None)
+    return None if own is None else own.device
 
 
 def _piece(t: Tensor, rank: int, size: int) -> Tensor:

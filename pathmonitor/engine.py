@@ -10,6 +10,7 @@ leaves gradients exact because the value is log(sum(tensor)) + log_scale with lo
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -242,11 +243,20 @@ def walk(interpreters: Sequence[Interpreter], keep: bool) -> list[list[Any]]:
     module is read (under ZeRO-3 gathered) once for all of them, while it is current."""
     graph = interpreters[0].graph
     all_values: list[list[Any]] = [[None] * len(graph.ops) for _ in interpreters]
-    with gathering_in_order(interpreters[0].module(name) for name in graph.affine_modules()):
+    with gathering_in_order(interpreters[0].module(name) for name in graph.affine_modules()), \
+            without_autocast(interpreters[0].device):
         for i, op in enumerate(graph.ops):
             for interpreter, values in zip(interpreters, all_values):
                 interpreter.step(i, op, values, keep)
     return all_values
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on `device`: a pass called inside a mixed-precision training step (manual optimization)
+    would otherwise run its float32 convolutions in bf16 or fp16."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def evaluate(graph: PathGraph, model: nn.Module, magnitudes: EdgeMagnitudes, q: float, *,

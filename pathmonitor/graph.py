@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .architecture import signature
 from .errors import IgnoredHookWarning, SupportReport, UnsupportedModelError, UnsupportedNode
 from .layers import AFFINE_TYPES, BATCH_NORMS, FUNCTIONAL_AFFINE, FunctionalAffine, unsupported_reason
 from .pools import FUNCTIONAL_POOLS, INTERPOLATION_DIMS, POOL_TYPES, Interpolation, MeanReduce, Pool, pool_from_module
@@ -67,6 +68,8 @@ class PathOp:
 class PathGraph:
     ops: tuple[PathOp, ...]
     input_shape: tuple[int, ...]
+    # what another network must share for its parameters to be read in this graph (`architecture.signature`)
+    architecture: tuple = field(default=(), compare=False, repr=False)
 
     def affine_modules(self) -> tuple[str, ...]:
         """Qualified names of the modules whose parameters the graph reads, in execution order."""
@@ -227,7 +230,7 @@ class _Builder:
         self.viewed: set[fx.Node] = set()  # activations that such a result may share memory with
         self.latest: dict[fx.Node, fx.Node] = {}  # a tensor modified in place -> the node holding its new value
 
-    def build(self, graph: fx.Graph) -> PathGraph:
+    def build(self, graph: fx.Graph, architecture: tuple) -> PathGraph:
         for node in graph.nodes:
             op = self._op(node)
             if op is None:  # rejected: keep tracing what depends on it, to report every problem
@@ -237,7 +240,7 @@ class _Builder:
             self.ops.append(op)
         if self.problems:
             raise UnsupportedModelError(tuple(self.problems))
-        return PathGraph(_with_releases(self.ops), self.input_shape)
+        return PathGraph(_with_releases(self.ops), self.input_shape, architecture)
 
     # -- helpers -----------------------------------------------------------------------------
     def _current(self, n: fx.Node) -> fx.Node:
@@ -742,7 +745,7 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> PathGraph:
     if cached is not None and cached[0] == structure:
         return cached[1]
     traced, constants, called = _trace(model, input_shape)
-    graph = _Builder(model, input_shape, constants).build(traced)
+    graph = _Builder(model, input_shape, constants).build(traced, signature(traced, model))
     per_model[input_shape] = (structure, graph)
     _warn_of_hooks(called)  # once per traced graph: a cached graph returned above has been warned about
     return graph

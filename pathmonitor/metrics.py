@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from .distributed import gathering_in_order
 from .engine import exact_values, exact_walks
-from .errors import PathComputationError
+from .architecture import check_same, check_state_dict_keys
+from .errors import ParameterMismatchError, PathComputationError, UnsupportedModelError
 from .graph import PathGraph, capture
 from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
@@ -161,13 +162,28 @@ def metric_and_norm(graph: PathGraph, model: nn.Module, first: ParameterSource, 
     return PathMetric(value, exact, kind, log_value, relative), norm_first
 
 
-def parameter_source(network: Network) -> ParameterSource:
-    """A parameter source for a module of the model's architecture or a state dict of it."""
+def parameter_source(network: Network, model: Optional[nn.Module] = None,
+                     graph: Optional[PathGraph] = None) -> ParameterSource:
+    """A parameter source for a module of the model's architecture or a state dict of it. Given the model and
+    its graph, another module must trace to the same calls and layer settings (`architecture.check_same`),
+    and a state dict may hold no entry the model lacks: same shapes alone can hide another architecture."""
     if isinstance(network, nn.Module):
-        return ModuleSource(unwrapped(network))
+        network = unwrapped(network)
+        if model is not None and graph is not None and network is not model:
+            check_same(graph.architecture, _architecture_of(network, graph.input_shape))
+        return ModuleSource(network)
     if isinstance(network, Mapping):
+        if model is not None:
+            check_state_dict_keys(model, network)
         return StateDictSource(network)
     raise TypeError(f"expected a torch.nn.Module or a state dict, got {type(network).__name__}")
+
+
+def _architecture_of(network: nn.Module, input_shape: tuple[int, ...]) -> tuple:
+    try:
+        return capture(network, input_shape).architecture
+    except UnsupportedModelError as error:
+        raise ParameterMismatchError(f"the other network is not of the model's architecture: {error}") from None
 
 
 def path_metric(model: nn.Module, other: Network, input_shape: Sequence[int]) -> PathMetric:
@@ -175,7 +191,8 @@ def path_metric(model: nn.Module, other: Network, input_shape: Sequence[int]) ->
 
     Picks the cheapest correct computation and says which it used (MATH.md section 3)."""
     model, shape = unwrapped(model), validated_input_shape(input_shape)
-    return metric_between(capture(model, shape), model, ModuleSource(model), parameter_source(other))
+    graph = capture(model, shape)
+    return metric_between(graph, model, ModuleSource(model), parameter_source(other, model, graph))
 
 
 def function_distance_bound(model: nn.Module, other: Network, input_shape: Sequence[int],
@@ -187,8 +204,10 @@ def function_distance_bound(model: nn.Module, other: Network, input_shape: Seque
 
 
 def check_input_inf_norm(input_inf_norm: float) -> None:
-    if isinstance(input_inf_norm, bool) or not (isinstance(input_inf_norm, (int, float)) and input_inf_norm >= 0):
-        raise ValueError(f"input_inf_norm must be a non-negative number, got {input_inf_norm!r}")
+    # inf would make a metric of 0 certify NaN
+    if isinstance(input_inf_norm, bool) or not (isinstance(input_inf_norm, (int, float)) and
+                                                0 <= input_inf_norm < math.inf):
+        raise ValueError(f"input_inf_norm must be a finite non-negative number, got {input_inf_norm!r}")
 
 
 def certified_change(metric: PathMetric, input_inf_norm: float) -> float:

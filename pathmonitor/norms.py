@@ -14,6 +14,7 @@ from .errors import PathComputationError, SupportReport, UnsupportedNode
 from .graph import PathGraph, PerGraph, capture, check_graph
 from .layers import tensor_names
 from .sources import AbsoluteMagnitudes, MetaSource, ModuleSource, ParameterEdges, ParameterSource, submodule
+from .tracer import compiled_original
 
 
 class PathNormOverflowWarning(RuntimeWarning):
@@ -45,8 +46,8 @@ def unwrapped(model: nn.Module) -> nn.Module:
         wrapper = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
         if wrapper or has_class_named(model, "DeepSpeedEngine"):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
+        elif compiled_original(model) is not None:
+            model = compiled_original(model)
         else:
             return model
 

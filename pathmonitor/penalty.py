@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import gathering_in_order, is_dtensor, is_sharded
-from .engine import Interpreter, Scaled, exact_values, log_of, map_tensors
+from .engine import Interpreter, Scaled, exact_values, log_of, map_tensors, model_device, without_autocast
 from .errors import PathComputationError
 from .graph import OpKind, PathGraph, PathOp, capture
 from .layers import parameter_name
@@ -108,7 +108,7 @@ def penalty_gradients(graph: PathGraph, model: nn.Module, source: ParameterSourc
     # rank 0's running statistics are broadcast once, though the op-by-op reverse pass reads every module again
     held = source.buffers_held() if isinstance(source, ModuleSource) else contextlib.nullcontext()
     try:
-        with held:
+        with held, without_autocast(model_device(model)):  # the op-by-op reverse pass evaluates ops outside `walk`
             return differentiate(graph, model, source, q, log, sink, validated_dtype(dtype))
     except ZeroPathNormError:  # raised before any gradient reaches the sink, on every rank alike
         return -math.inf

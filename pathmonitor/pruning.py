@@ -43,7 +43,8 @@ class Certified:
 
     def relative_to(self, log_norm: float) -> float:
         """The same budget over the L1 path-norm exp(log_norm): change / (max(B, 1) * ||Phi||_1)."""
-        return math.exp(math.log(self.change) - math.log(max(self.input_bound, 1.0)) - log_norm)
+        # beyond float64 (a path-norm below 1e-308): every round fits
+        return exp_or_inf(math.log(self.change) - math.log(max(self.input_bound, 1.0)) - log_norm)
 
 
 Budget = Union[float, Certified]

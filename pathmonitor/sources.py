@@ -20,7 +20,9 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .distributed import LastModuleMemo, from_rank_zero, full, full_shape, gathered, is_buffer_key, is_sharded, world
+from .architecture import prefix_hint
+from .distributed import (LastModuleMemo, from_rank_zero, full, full_shape, gathered, is_buffer_key, is_sharded,
+                          own_device, world)
 from .errors import ParameterMismatchError
 from .layers import edge_parameters, parameter_name, tensor_names
 
@@ -167,26 +169,19 @@ class StateDictSource:
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
         found = {}
+        device = own_device(module)  # a state dict loaded on the CPU is read beside a model on another device
         for key in tensor_names(module):
             full = parameter_name(name, key)
             if full in self.state_dict:
-                found[key] = self.state_dict[full]
+                found[key] = self.state_dict[full].to(device)
             elif f"{full}_orig" in self.state_dict and f"{full}_mask" in self.state_dict:  # torch.nn.utils.prune
-                found[key] = self.state_dict[f"{full}_orig"] * self.state_dict[f"{full}_mask"]
+                found[key] = self.state_dict[f"{full}_orig"].to(device) * self.state_dict[f"{full}_mask"].to(device)
             elif getattr(module, key, None) is not None:
                 raise ParameterMismatchError(f"the state dict has no entry {full!r} for module {name!r} "
-                                             f"({type(module).__name__}){self._prefix_hint(full)}")
+                                             f"({type(module).__name__}){prefix_hint(self.state_dict, full)}")
             else:
                 found[key] = None
         yield found
-
-    def _prefix_hint(self, full: str) -> str:
-        prefixed = next((key for key in self.state_dict if key.endswith("." + full)), None)
-        if prefixed is None:
-            return ""
-        prefix = prefixed[: -len(full)]
-        return (f"; it has {prefixed!r}: strip the prefix {prefix!r} "
-                f"(added by a wrapper such as DDP or a LightningModule)")
 
 
 class MetaSource:

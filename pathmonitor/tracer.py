@@ -170,6 +170,12 @@ class ShapedSequenceProxy(ShapedProxy):
         return iter([self[i] for i in range(len(self))])
 
 
+def compiled_original(module: nn.Module) -> Optional[nn.Module]:
+    """The module that `torch.compile` wrapped, if `module` is its wrapper."""
+    original = getattr(module, "_orig_mod", None) if "_orig_mod" in module._modules else None
+    return original if isinstance(original, nn.Module) else None
+
+
 class ScopedTracer(fx.Tracer):
     """Records, for every node, the qualified name and type of the module whose forward created it,
     and, given an example meta input, the meta value of every node (see the module docstring).
@@ -191,6 +197,9 @@ class ScopedTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         if self._computing_meta:  # a parametrization computing a leaf's weight: plain code, not traced
             return forward(*args, **kwargs)
+        original = compiled_original(m)
+        if original is not None:  # a child wrapped by torch.compile: its original module is what computes
+            return self.call_module(original, original.forward, args, kwargs)
         scope = (self.path_of_module(m), type(m).__name__)
         self.called.setdefault(id(m), (scope[0], m))
         self._scopes.append(scope)

@@ -174,6 +174,14 @@ def test_wrappers_are_unwrapped():
     expected = float(pm.path_norm(net, (4,)).detach())
     assert float(pm.path_norm(nn.DataParallel(net), (4,)).detach()) == expected
     assert float(pm.path_norm(torch.compile(net), (4,)).detach()) == expected
+    # a compiled child (`self.net = torch.compile(net)` in a LightningModule): traced through its original
+    holder = nn.Sequential(nn.Identity(), torch.compile(net))
+    assert float(pm.path_norm(holder, (4,)).detach()) == expected
+    pruned = copy.deepcopy(net)
+    with torch.no_grad():
+        pruned[0].weight[0].zero_()
+    assert pm.path_metric(holder, nn.Sequential(nn.Identity(), torch.compile(pruned)), (4,)).value == pytest.approx(
+        expected - float(pm.path_norm(pruned, (4,)).detach()), rel=1e-12)
 
 
 class InPlace(nn.Module):

@@ -163,6 +163,44 @@ def test_drift_names_the_checkpoint_at_fault(tmp_path, capsys):
         f"pathmonitor drift: {other}: ")
 
 
+class Padded(torch.nn.Module):
+    """Same tensors whatever the padding and the pooling: only the trace tells the architectures apart."""
+
+    def __init__(self, padding: int = 1, pool: str = "max"):
+        super().__init__()
+        self.pool = pool
+        self.conv, self.head = torch.nn.Conv2d(1, 4, 3, padding=padding), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = torch.nn.functional.adaptive_max_pool2d(h, 1) if self.pool == "max" else \
+            torch.nn.functional.adaptive_avg_pool2d(h, 1)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("old_settings, named", [({"padding": 0}, "padding"), ({"pool": "avg"}, "adaptive_avg_pool2d"),
+                                                 ({}, None)])
+def test_drift_refuses_checkpoints_of_another_architecture(tmp_path, capsys, old_settings, named):
+    """Same class, same tensors, another padding or pooling: another function, so no drift of 0 to certify it;
+    a checkpoint that records empty hyper-parameters is built with none, not with NEW's."""
+    new = Padded(padding=1)
+    old = Padded(**old_settings)
+    old.load_state_dict(new.state_dict())
+    for model, name, settings in ((new, "new.ckpt", {"padding": 1}), (old, "old.ckpt", old_settings)):
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": settings}, tmp_path / name)
+    argv = ["drift", str(tmp_path / "old.ckpt"), str(tmp_path / "new.ckpt"), "--input-shape", "1", "6", "6",
+            "--model", "test_cli:Padded"]
+    capsys.readouterr()
+    if named is None:  # OLD is built with the default padding (1): the very network NEW is
+        assert audit([*argv, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["value"] == 0
+        return
+    assert audit(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"pathmonitor drift: {tmp_path / 'old.ckpt'}: ") and "another architecture" in error
+    assert named in error
+
+
 def write_events(logdir: Path, series: dict[str, list[float]]) -> None:
     with SummaryWriter(str(logdir)) as writer:
         for tag, values in series.items():
@@ -203,3 +241,14 @@ def test_only_masks_that_prune_count_as_applied(tmp_path, capsys):
         capsys.readouterr()
         assert audit(["norm", str(tmp_path / "pruned.ckpt"), "--model", MODEL, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["pruning_masks_applied"] == applied
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "model."])
+def test_a_checkpoint_of_a_wrapped_model_is_read_without_the_wrappers_prefix(tmp_path, capsys, prefix):
+    """torch.compile's, DDP's or a LightningModule attribute's prefix on every entry: read as the model's own."""
+    model = small_digits()
+    torch.save({f"{prefix}{key}": value for key, value in model.state_dict().items()}, tmp_path / "wrapped.pt")
+    capsys.readouterr()
+    assert audit(["norm", str(tmp_path / "wrapped.pt"), "--model", "test_cli:small_digits", "--json"]) == 0
+    with torch.no_grad():
+        assert json.loads(capsys.readouterr().out)["norms"]["l1"] == float(pm.path_norm(model, SHAPE))

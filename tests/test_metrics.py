@@ -1,12 +1,14 @@
 """Path-metrics and the function-distance theorem (MATH.md section 3)."""
 import copy
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.utils.prune  # noqa: F401  (makes torch.nn.utils.prune available)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 import pathmonitor as pm
@@ -161,8 +163,9 @@ def test_function_distance_bound_scales_with_the_input_norm():
     value = pm.path_metric(net, pruned, shape).value
     assert pm.function_distance_bound(net, pruned, shape, 0.5) == pytest.approx(value)
     assert pm.function_distance_bound(net, pruned, shape, 3.0) == pytest.approx(3 * value)
-    with pytest.raises(ValueError, match="input_inf_norm"):
-        pm.function_distance_bound(net, pruned, shape, -1)
+    for bad in (-1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="input_inf_norm"):
+            pm.function_distance_bound(net, pruned, shape, bad)
 
 
 def test_identical_networks_are_at_distance_zero_and_mismatches_are_named():
@@ -303,6 +306,35 @@ def test_tiny_opposite_weights_are_a_sign_conflict():
     assert metric.kind == "general" and metric.value == pytest.approx(2e-25, rel=1e-6)
 
 
+def test_another_architecture_with_the_same_shapes_is_refused():
+    """Same tensor shapes, another function: a stride, a pooling chosen in forward, a layer more; a state
+    dict with entries the model lacks. The path-metric compares two weight vectors of ONE network."""
+    class Net(nn.Module):
+        def __init__(self, stride=1, pool="max"):
+            super().__init__()
+            self.pool = pool
+            self.body = nn.Sequential(nn.Conv2d(1, 3, 3, stride=stride), nn.ReLU())
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.body(x)
+            h = F.adaptive_max_pool2d(h, 1) if self.pool == "max" else F.adaptive_avg_pool2d(h, 1)
+            return self.head(h.flatten(1))
+
+    net = Net().eval()
+    for other, named in ((Net(stride=2), "layer 'body.0' (Conv2d): stride (1, 1) in the model, (2, 2)"),
+                         (Net(pool="mean"), "adaptive_avg_pool2d"), (Net(), "calls")):
+        other.load_state_dict(net.state_dict())
+        if named == "calls":
+            other.body.append(nn.Identity())
+        with pytest.raises(pm.ParameterMismatchError, match=re.escape(named)):
+            pm.path_metric(net, other.eval(), (1, 7, 7))
+    assert pm.path_metric(net, Net().eval(), (1, 7, 7)).kind  # separately built, same architecture: compared
+    extra = {**net.state_dict(), "tail.weight": torch.zeros(2, 2)}
+    with pytest.raises(pm.ParameterMismatchError, match="'tail.weight'.*another architecture"):
+        pm.path_metric(net, extra, (1, 7, 7))
+
+
 def test_state_dict_hints():
     net, shape = make("tiny_conv", 0)
     prefixed = {f"module.{k}": v for k, v in net.state_dict().items()}
@@ -436,7 +468,7 @@ def test_batch_norms_with_different_eps_are_refused():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
     other = copy.deepcopy(net)
     other[1].eps = 0.5
-    with pytest.raises(pm.ParameterMismatchError, match="eps=0.5 in the other network"):
+    with pytest.raises(pm.ParameterMismatchError, match="eps[ =].*0.5 in the other network"):
         pm.path_metric(net, other, (3,))
 
 
@@ -452,3 +484,19 @@ def test_two_separately_built_parametrized_networks_compare():
     plain.load_state_dict({"0.weight": second[0].weight.detach(), "0.bias": second[0].bias.detach(),
                            "2.weight": second[2].weight.detach(), "2.bias": second[2].bias.detach()})
     assert pm.path_metric(first, second, (4,)).value == pm.path_metric(first, plain, (4,)).value > 0
+
+
+def test_a_state_dict_and_a_restored_reference_are_read_on_the_model_device():
+    """A checkpoint's tensors load on the CPU; a model elsewhere reads them on its own device (the meta device
+    stands in for a GPU here)."""
+    from pathmonitor.distributed import ShardedSnapshot
+    from pathmonitor.sources import StateDictSource
+
+    layer = nn.Linear(3, 2, device="meta")
+    state = {"weight": torch.ones(2, 3), "bias": torch.ones(2)}
+    restored = ShardedSnapshot.from_state_dict({"pieces": dict(state), "shapes": {k: tuple(v.shape) for k, v in
+                                                                                   state.items()},
+                                                "sharded": False, "world_size": 1, "rank": 0})
+    for source in (StateDictSource(state), restored):
+        with source.tensors("", layer) as tensors:
+            assert {t.device.type for t in tensors.values()} == {"meta"}

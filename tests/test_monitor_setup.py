@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gc
 import json
+import math
 import random
 import socket
 import subprocess
@@ -83,6 +84,43 @@ def test_a_supported_sub_module_can_be_watched(tmp_path):
     assert model.steps_taken == 4
     assert monitor.last["pathnorm/l1"] == pytest.approx(float(pathmonitor.path_norm(model.features, (1, 8, 8))),
                                                          rel=1e-12)
+
+
+class LateDigits(DigitsNet):
+    """Its layers built in `configure_model` (as Lightning recommends for sharded training), which Lightning
+    calls after every callback's `setup`."""
+
+    def __init__(self):
+        super().__init__(width=4)
+        del self.net
+
+    def configure_model(self):
+        if not hasattr(self, "net"):
+            torch.manual_seed(0)
+            self.net = DigitsNet(width=4).net
+
+
+def test_layers_built_in_configure_model_are_watched_regularized_and_pruned(tmp_path):
+    from pathmonitor.callbacks import PathBudgetPruning, PathNormRegularizer
+
+    def callbacks():
+        return [PathNormRegularizer(0.1), PathBudgetPruning(budget=0.2, every_n_steps=2, module="net"),
+                PathNormMonitor(every_n_steps=2)]
+
+    first, model = callbacks(), LateDigits()
+    fit = trainer(tmp_path, first, max_steps=4)
+    fit.fit(model, data())
+    fit.save_checkpoint(tmp_path / "four.ckpt")
+    regularizer, pruning, monitor = first
+    assert pruning.rounds == 2 and regularizer.last["regularizer/penalty"] > -math.inf
+    with torch.no_grad():
+        assert monitor.last["pathnorm/l1"] == pytest.approx(float(pm.path_norm(model, (1, 8, 8))), rel=1e-9)
+    pruned = {name: ~mask for name, mask in pruning.masks.items()}
+    resumed, model = callbacks(), LateDigits()
+    trainer(tmp_path, resumed, max_steps=6).fit(model, data(), ckpt_path=str(tmp_path / "four.ckpt"))
+    assert resumed[1].rounds == 3
+    for name, gone in pruned.items():  # restored before the layers existed, and kept
+        assert not bool(model.net.get_submodule(name).weight.detach()[gone].any()), name
 
 
 def test_missing_input_shape_and_unknown_module_fail_clearly(tmp_path):
@@ -177,6 +215,12 @@ def test_drift_between_checkpoints_refuses_weights_only_checkpoints(tmp_path):
                      enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(MonitorError, match="save_weights_only"):
         run.fit(DigitsNet(width=4), data())
+
+
+def test_drift_between_checkpoints_beside_weight_averaging_says_what_its_series_follows(tmp_path):
+    with pytest.warns(UserWarning, match="the checkpoints hold the averaged weights"):
+        trainer(tmp_path, [PathMetricDrift(), pl.callbacks.WeightAveraging()], max_steps=1).fit(DigitsNet(width=4),
+                                                                                               data())
 
 
 def test_measured_gap_is_the_plain_accuracy_gap_and_leaves_training_as_it_was(tmp_path):

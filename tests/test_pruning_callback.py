@@ -10,6 +10,7 @@ from torch import nn
 
 import pathmonitor as pm
 from pathmonitor.callbacks import MonitorError, PathBudgetPruning
+from pathmonitor.callbacks.base import ends_the_epoch
 from pathmonitor.callbacks.digits import DigitsData, DigitsNet
 from test_monitor_setup import trainer
 from test_regularizer import CountSteps
@@ -132,6 +133,47 @@ def test_a_run_resumed_from_an_epoch_end_checkpoint_prunes_that_epoch_once(tmp_p
         assert torch.equal(resumed.masks[name], whole.masks[name]), name
 
 
+def test_a_checkpoint_saved_at_an_epoch_end_validation_holds_that_epochs_round(tmp_path):
+    """Validating every other epoch, Lightning saves at the validation's end, inside the epoch's last batch and
+    before on_train_epoch_end: the round of that epoch comes first, so the checkpoint (the run's last one
+    too) holds its zeros and its masks."""
+    pl.seed_everything(0)
+    pruning = PathBudgetPruning(budget=0.2, every_n_epochs=1, module="net")
+    model = DigitsNet(width=4)
+    pl.Trainer(accelerator="cpu", max_epochs=4, check_val_every_n_epoch=2, logger=False,
+               callbacks=[pruning, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)], default_root_dir=str(tmp_path),
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(model, data())
+    assert pruning.rounds == 4
+    saved = torch.load(tmp_path / "epoch=3-step=20.ckpt", weights_only=False)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("PathBudgetPruning")]
+    assert state["rounds"] == 4 and state["last_step"] == 20
+    for name, mask in pruning.masks.items():
+        assert torch.equal(state["masks"][name], mask.cpu()), name
+        assert torch.equal(saved["state_dict"][f"net.{name}.weight"] == 0, model.net.get_submodule(name).weight == 0)
+
+
+@pytest.mark.parametrize("saved_key", ["current", "with the scope, as earlier versions kept it"])
+def test_masks_survive_a_resume_with_another_scope_or_from_an_older_state_key(tmp_path, saved_key):
+    pl.seed_everything(0)
+    first = PathBudgetPruning(budget=0.2, every_n_steps=4, end=16, module="net")
+    fit = trainer(tmp_path, [first], max_steps=5)
+    fit.fit(DigitsNet(width=4), data())
+    fit.save_checkpoint(tmp_path / "five.ckpt")
+    if saved_key != "current":
+        saved = torch.load(tmp_path / "five.ckpt", weights_only=False)
+        saved["callbacks"] = {first._generate_state_key(scope="global", module="net"): state
+                              for state in saved["callbacks"].values()}
+        torch.save(saved, tmp_path / "five.ckpt")
+    pruned = {name: ~mask for name, mask in first.masks.items()}
+    assert sum(int(p.sum()) for p in pruned.values()) > 0
+    resumed, model = PathBudgetPruning(budget=0.2, every_n_steps=4, end=16, module="net", scope="layer"), \
+        DigitsNet(width=4)
+    trainer(tmp_path, [resumed], max_steps=7).fit(model, data(), ckpt_path=str(tmp_path / "five.ckpt"))
+    assert resumed.rounds == 1
+    for name, gone in pruned.items():
+        assert not bool(model.net.get_submodule(name).weight.detach()[gone].any()), name
+
+
 def test_another_fit_of_the_same_model_keeps_what_was_pruned(tmp_path):
     model = DigitsNet(width=4)
     pruning = PathBudgetPruning(budget=0.3, every_n_steps=2, end=2, module="net")
@@ -246,13 +288,16 @@ def test_parameters_to_prune_selects_and_make_permanent_false_leaves_prune_masks
 
 
 class EpochEndWeights(pl.Callback):
-    """The conv / linear weights of `net` (and their Adam moments) at every epoch end, as this callback
-    sees them: placed before the pruning callback, before its round; after it, after."""
+    """The conv / linear weights of `net` (and their Adam moments) at every epoch's end (its last batch, where
+    the epoch's round comes), as this callback sees them: placed before the pruning callback, before its
+    round; after it, after."""
 
     def __init__(self):
         self.weights, self.moments, self.adam_steps = {}, {}, {}
 
-    def on_train_epoch_end(self, trainer, pl_module):
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if not ends_the_epoch(trainer):
+            return
         epoch = trainer.current_epoch + 1
         chosen = {n: m.weight for n, m in pl_module.net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
         self.weights[epoch] = {n: w.detach().clone() for n, w in chosen.items()}

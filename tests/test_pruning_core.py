@@ -192,3 +192,12 @@ def test_a_rewind_restarts_the_optimizer_state_as_a_new_optimizer_would(optimize
     fresh_weight.grad = gradient.clone()
     fresh.step()
     assert torch.equal(weight.detach(), fresh_weight.detach())
+
+
+def test_a_certified_budget_over_a_path_norm_below_float64_lets_every_round_fit():
+    """40 layers of weights 1e-9: an L1 path-norm of 1e-335, below float64; the relative budget is infinite."""
+    net = nn.Sequential(*[layer for _ in range(40) for layer in (nn.Linear(4, 4, bias=False), nn.ReLU())])
+    with torch.no_grad():
+        for layer in net[::2]:
+            layer.weight.fill_(1e-9)
+    assert pm.Certified(change=1.0, input_bound=1.0).relative_to(float(pm.log_path_norm(net, (4,)))) == math.inf

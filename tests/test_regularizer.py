@@ -148,6 +148,21 @@ def test_the_float32_penalty_equals_the_float64_one_to_float32_round_off(name, q
             torch.testing.assert_close(got[key].double(), grad.double(), rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
 
 
+def test_autocast_does_not_reach_the_penalty():
+    """Added to a loss inside a bf16 autocast region (a training step), the float32 penalty and its gradient
+    (taken outside the region, as torch recommends for every backward) are those computed outside it,
+    batch-norm included."""
+    net, shape = make("tiny_conv", 0)
+    outside = path_norm_penalty(net, shape, dtype=torch.float32)
+    expected = torch.autograd.grad(outside, list(net.parameters()), allow_unused=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = path_norm_penalty(net, shape, dtype=torch.float32)
+    got = torch.autograd.grad(inside, list(net.parameters()), allow_unused=True)
+    assert float(inside) == float(outside)
+    for a, b in zip(got, expected):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_a_graph_that_needed_log_scales_starts_with_them_next_time():
     """Every training step of a network beyond the plain range would otherwise pay for a wasted plain pass."""
     from pathmonitor import engine
@@ -328,11 +343,14 @@ class ManualPenaltyOnly(PenaltyOnly, DigitsNet):
         return [torch.optim.SGD(self.parameters(), lr=LR) for _ in range(self.n_optimizers)]
 
 
-def test_manual_optimization_adds_the_penalty_at_each_optimizer_step(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_manual_optimization_adds_the_penalty_at_each_optimizer_step(tmp_path, precision):
+    """With manual optimization the step, and so the penalty, runs inside training_step, under autocast with
+    mixed precision: the penalty's passes turn it off, and the step equals the automatic one's."""
     automatic, manual = model_for("single"), ManualPenaltyOnly()
     manual.load_state_dict(automatic.state_dict())
     for model in (automatic, manual):
-        trainer(tmp_path, [PathNormRegularizer(WEIGHT)], max_steps=1).fit(model, data())
+        trainer(tmp_path, [PathNormRegularizer(WEIGHT)], max_steps=1, precision=precision).fit(model, data())
     for (key, a), m in zip(automatic.state_dict().items(), manual.state_dict().values()):
         torch.testing.assert_close(m, a, rtol=0, atol=0, msg=key)
     assert not torch.equal(automatic.net[0].weight, model_for("single").net[0].weight)

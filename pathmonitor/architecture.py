@@ -1,0 +1,130 @@
+"""Whether two networks share one architecture, so that one's parameters can be read in the other's path
+graph (MATH.md section 3: a path-metric compares two parameter vectors of ONE network).
+
+Same tensor shapes are not enough: a padding, a stride or a pooling chosen in `forward` changes the
+function and leaves every shape as it was. The signature of a traced network is every call of its
+forward with its literal arguments, and the type and settings of every layer it calls.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
+
+from .errors import ParameterMismatchError
+from .layers import AFFINE_TYPES, parameter_name, tensor_names
+
+# layer settings that leave the function of the trained network as it is: batch-norm's momentum (read by
+# training only), an in-place flag, dropout's rate
+_FUNCTION_NEUTRAL = frozenset({"momentum", "inplace", "p", "training"})
+
+
+def signature(graph: fx.Graph, model: nn.Module) -> tuple:
+    """What two separately built networks of one architecture have in common in their traces."""
+    entries = []
+    for node in graph.nodes:
+        entry: tuple = (node.op, _target(node), _described(node.args), _described(node.kwargs))
+        if node.op == "call_module":
+            layer = model.get_submodule(node.target)
+            entry += (type_before_parametrizations(layer).__qualname__, _settings(layer))
+        entries.append(entry)
+    return tuple(entries)
+
+
+def check_same(model_signature: tuple, other_signature: tuple) -> None:
+    """Raises ParameterMismatchError naming the first call where the two networks differ."""
+    if model_signature == other_signature:
+        return
+    for mine, theirs in zip(model_signature, other_signature):
+        if mine != theirs:
+            raise ParameterMismatchError(f"the other network is another architecture: {_difference(mine, theirs)}")
+    longer = "the model" if len(model_signature) > len(other_signature) else "the other network"
+    raise ParameterMismatchError(f"the other network is another architecture: {longer} makes more calls in "
+                                 f"forward ({len(model_signature)} vs {len(other_signature)})")
+
+
+def _difference(mine: tuple, theirs: tuple) -> str:
+    if mine[:5] == theirs[:5]:  # one layer, called alike: name the settings that differ
+        settings, other_settings = dict(mine[5]), dict(theirs[5])
+        differing = "; ".join(f"{key} {settings.get(key)!r} in the model, {other_settings.get(key)!r} in the other "
+                              f"network" for key in dict.fromkeys([*settings, *other_settings])
+                              if settings.get(key) != other_settings.get(key))
+        return f"layer {mine[1]!r} ({mine[4]}): {differing}"
+    return f"forward calls {_shown(mine)} in the model where the other network calls {_shown(theirs)}"
+
+
+def check_state_dict_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
+    """Refuses entries that no tensor of the model has: a state dict of another architecture (extra layers)."""
+    expected = {_unpruned(key) for key in model.state_dict()}
+    # a parametrized layer's entries are under `parametrizations.`; a plain twin's state dict names them as usual
+    expected |= {parameter_name(name, key) for name, m in model.named_modules() if isinstance(m, AFFINE_TYPES)
+                 for key in tensor_names(m)}
+    unexpected = [key for key in state_dict if _unpruned(key) not in expected and
+                  not key.endswith("num_batches_tracked")]
+    if unexpected:
+        shown = ", ".join(repr(key) for key in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
+        # the longest of the model's names that the first entry ends with: the wrapper's prefix is the rest
+        wrapped = max((name for name in expected if unexpected[0].endswith("." + name)), key=len, default=None)
+        hint = prefix_hint(unexpected[:1], wrapped) if wrapped else ": it is of another architecture"
+        raise ParameterMismatchError(f"the state dict has {len(unexpected)} entries that no tensor of the model "
+                                     f"has ({shown}){hint}")
+
+
+def prefix_hint(keys: Iterable[str], name: str) -> str:
+    """How to read a state dict one of whose `keys` is the model's entry `name` under a wrapper's prefix."""
+    prefixed = next((key for key in keys if key.endswith("." + name)), None)
+    if prefixed is None:
+        return ""
+    return (f"; it has {prefixed!r}: strip the prefix {prefixed[: -len(name)]!r} "
+            f"(added by a wrapper such as DDP or a LightningModule)")
+
+
+def _unpruned(key: str) -> str:
+    """torch.nn.utils.prune's `weight_orig` and `weight_mask` stand for `weight`."""
+    return key.removesuffix("_orig").removesuffix("_mask")
+
+
+def _target(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else _qualified(node.target)
+
+
+def _qualified(function: Any) -> str:
+    name = getattr(function, "__qualname__", None) or type(function).__name__
+    if "<locals>" in name:  # a function made by another (torch's boolean dispatch): its own name says more
+        name = getattr(function, "__name__", name)
+    return f"{getattr(function, '__module__', '')}.{name}"
+
+
+def _settings(layer: nn.Module) -> tuple:
+    return tuple((key, _described(value)) for key, value in vars(layer).items()
+                 if not key.startswith("_") and key not in _FUNCTION_NEUTRAL)
+
+
+def _described(value: Any) -> Any:
+    """A comparable stand-in: plain values as they are, nodes by name (names are given in trace order),
+    tensors by shape and dtype, functions by qualified name, other objects by type."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, fx.Node):
+        return ("node", value.name)
+    if isinstance(value, (tuple, list)):
+        return tuple(_described(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((key, _described(v)) for key, v in value.items())
+    if isinstance(value, slice):
+        return ("slice", _described(value.start), _described(value.stop), _described(value.step))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype))
+    if isinstance(value, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return str(value)
+    if callable(value):
+        return _qualified(value)
+    return type(value).__qualname__
+
+
+def _shown(entry: tuple) -> str:
+    text = f"{entry[1]}{entry[2]}" + (f" ({entry[4]})" if len(entry) > 4 else "")
+    return text if len(text) <= 160 else text[:157] + "..."
