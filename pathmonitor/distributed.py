@@ -292,6 +292,14 @@ def from_rank_zero(tensors: list[Tensor]) -> list[Tensor]:
     return copies  # type: ignore[return-value]
 
 
+def rank_zero_value(value: float, device: torch.device) -> float:
+    """Rank 0's value of a number every rank computed (one broadcast); the number itself on one process."""
+    if world()[1] == 1:
+        return value
+    (agreed,) = from_rank_zero([torch.tensor([value], dtype=torch.float64, device=device)])
+    return float(agreed)
+
+
 def is_buffer_key(key: str) -> bool:
     return key.startswith("running_")
 

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .bounds import check_number
+from .distributed import from_rank_zero, rank_zero_value, world
+from .engine import model_device
 from .graph import PathGraph
 from .layers import parameter_name
 from .logmath import exp_or_inf, log_difference
@@ -123,12 +125,15 @@ def prune_round(graph: PathGraph, model: nn.Module, source: ParameterSource, mas
     kept = {name: mask.clone() for name, mask in masks.items()}
     modules = list(kept)
     check_scorable(graph, model, modules)
-    _, log_before = norm_and_log(graph, model, MaskedSource(source, kept), 1.0)
+    # every rank takes rank 0's numbers, so every rank makes the same decisions and ends with the same masks,
+    # even where kernels that are not deterministic (on a GPU) make the ranks' passes differ in the last bits
+    device = model_device(model)
+    log_before = rank_zero_value(norm_and_log(graph, model, MaskedSource(source, kept), 1.0)[1], device)
     budget_relative = budget.relative_to(log_before) if isinstance(budget, Certified) else float(budget)
 
     def change_of(candidate: Mapping[str, Tensor]) -> float:
         _, log_after = norm_and_log(graph, model, MaskedSource(source, candidate), 1.0)
-        return _relative_drop(log_before, log_after)
+        return rank_zero_value(_relative_drop(log_before, log_after), device)
 
     groups = [modules] if scope == "global" else [[name] for name in modules]
     sizes = [sum(kept[name].numel() for name in group) for group in groups]
@@ -196,6 +201,8 @@ def _ascending_candidates(graph: PathGraph, model: nn.Module, source: ParameterS
                           group: list[str]) -> Candidates:
     """The kept entries of `group`'s weights, lowest path-magnitude score first."""
     scores, _ = scores_from(graph, model, source, group)
+    if world()[1] > 1:  # rank 0's scores: one order on every rank (see prune_round)
+        scores = dict(zip(scores, from_rank_zero(list(scores.values()))))
     flat_scores, modules, indices = [], [], []
     for position, name in enumerate(group):
         alive = kept[name].reshape(-1).nonzero().flatten().cpu()

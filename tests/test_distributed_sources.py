@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ from torch import nn
 
 import pathmonitor as pm
 from pathmonitor.distributed import ShardedSnapshot
+from pathmonitor.graph import capture
+from pathmonitor.pruning import prune_round
+from pathmonitor.scores import scores_from
+from pathmonitor.sources import ModuleSource
 from pathmonitor.tracking import TrackedModel
 
 SHAPE = (2, 5, 5)
@@ -48,9 +53,24 @@ def _worker(rank: int, init_file: str, results: dict) -> None:
         except ValueError as error:
             refused = str(error)
         results[rank] = dict(value=metric.value, kind=metric.kind, restored=same.value, sizes=sizes,
-                             norm=tracked.path_norm(1).value, refused=refused)
+                             norm=tracked.path_norm(1).value, refused=refused,
+                             masks=_pruned_with_other_passes(net, rank))
     finally:
         dist.destroy_process_group()
+
+
+def _pruned_with_other_passes(net: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """A pruning round in which rank 1's passes differ from rank 0's: its own running statistics, and its
+    scores in the reverse order (as kernels that are not deterministic could make them, near ties)."""
+    masks = {name: torch.ones_like(net.get_submodule(name).weight, dtype=torch.bool) for name in ("0", "4")}
+    own = ModuleSource(net, buffers_from_rank_zero=False)
+
+    def reversed_scores(*args):
+        scores, log_norm = scores_from(*args)
+        return {key: -score for key, score in scores.items()}, log_norm
+
+    with mock.patch("pathmonitor.pruning.scores_from", reversed_scores if rank == 1 else scores_from):
+        return prune_round(capture(net, SHAPE), net, own, masks, 0.3).masks
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +106,13 @@ def test_sharded_reference_gives_the_single_process_metric_on_every_rank(two_ran
 def test_a_piece_saved_by_another_rank_is_refused(two_ranks):
     for rank in (0, 1):
         assert f"rank {rank} was handed the piece" in two_ranks[rank]["refused"]
+
+
+def test_a_pruning_round_gives_every_rank_rank_zeros_masks(two_ranks):
+    """Every rank takes rank 0's scores and pass totals, so the ranks' masks agree even where their own
+    passes would not (here: other running statistics and a reversed order on rank 1)."""
+    masks = [two_ranks[rank]["masks"] for rank in (0, 1)]
+    assert masks[0].keys() == masks[1].keys()
+    assert any(not bool(mask.all()) for mask in masks[0].values())
+    for name in masks[0]:
+        assert torch.equal(masks[0][name], masks[1][name]), name
