@@ -308,7 +308,8 @@ def exact_walks(graph: PathGraph, model: nn.Module, networks: Sequence[EdgeMagni
     needed = _NEEDED_LOG_SCALES.get(graph)
     log_scaled = list(range(len(networks)))
     results: list[Optional[tuple[Interpreter, list[Any]]]] = [None] * len(networks)
-    if needed is None or (dtype, q) not in needed:
+    plain_first = needed is None or (dtype, q) not in needed
+    if plain_first:
         plain = [Interpreter(graph, model, m, q, False, device, dtype) for m in networks]
         log_scaled = []
         for k, (interpreter, values) in enumerate(zip(plain, walk(plain, keep))):
@@ -317,12 +318,14 @@ def exact_walks(graph: PathGraph, model: nn.Module, networks: Sequence[EdgeMagni
             else:
                 log_scaled.append(k)
         del plain, interpreter, values  # the failed passes' activations (and autograd graphs) go before the next walk
-        if log_scaled:
-            _NEEDED_LOG_SCALES.set(graph, (needed or frozenset()) | {(dtype, q)})
     if log_scaled:
         again = [Interpreter(graph, model, networks[k], q, True, device, dtype) for k in log_scaled]
         for k, interpreter, values in zip(log_scaled, again, walk(again, keep)):
             results[k] = (interpreter, values)
+        # for good only where a plain pass was wrong: a total of exactly 0 (no path carries weight, as when a
+        # pruning round tries removing every weight) is exact in both
+        if plain_first and any(float(results[k][1][-1].value.detach()) != 0 for k in log_scaled):
+            _NEEDED_LOG_SCALES.set(graph, (needed or frozenset()) | {(dtype, q)})
     return results  # type: ignore[return-value]
 
 

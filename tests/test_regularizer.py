@@ -182,6 +182,22 @@ def test_a_graph_that_needed_log_scales_starts_with_them_next_time():
     assert passes == [False, True, True, False] and first == second
 
 
+def test_a_path_norm_of_exactly_zero_does_not_send_later_passes_to_log_scales():
+    """A pruning round first tries removing every weight: a bias-free net's path-norm is then exactly 0, which
+    the log-scaled retry confirms; the plain pass was right, so later passes stay plain."""
+    from pathmonitor import engine
+    from pathmonitor.pruning import MaskedSource
+
+    net = _chain(3, 4, 0.5)
+    graph = capture(net, (4,))
+    nothing = {name: torch.zeros(4, 4, dtype=torch.bool) for name in ("0", "2", "4")}
+    source = ModuleSource(net)
+    with torch.no_grad():
+        assert float(pm.path_norm(net, (4,))) == 4 ** 4 * 0.5 ** 3  # 4^4 paths of weight 1/8
+        zero = pm.norms.norm_and_log(graph, net, MaskedSource(source, nothing), 1.0)
+    assert zero == (0.0, -math.inf) and engine._NEEDED_LOG_SCALES.get(graph) is None
+
+
 def _chain(depth: int, width: int, value: float) -> nn.Sequential:
     layers = []
     for _ in range(depth):
