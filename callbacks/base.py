@@ -66,9 +66,9 @@ class PathCallback(Callback):
             return
         self.start_fit()
         self._attached = False
-        # Lightning builds the layers of `configure_model` after every `setup` hook: those models are
-        # attached at `on_fit_start`, still before the first step
-        if not is_overridden("configure_model", pl_module):
+        # Lightning builds the layers of `configure_model` (or the older `configure_sharded_model`) after
+        # every `setup` hook: those models are attached at `on_fit_start`, still before the first step
+        if not any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model")):
             self.attach(trainer, pl_module)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

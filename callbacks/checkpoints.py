@@ -255,16 +255,23 @@ def _apply_pruning_masks(path: Path, model: nn.Module, callbacks: Mapping[str, A
     return applied
 
 
-def _state_key_module(path: Path, key: Any) -> Optional[str]:
-    """The `module` a callback's state key records: `PathBudgetPruning{'module': 'net'}` (earlier versions
-    also recorded the scope)."""
+def state_key_fields(key: Any) -> Optional[dict]:
+    """The settings a callback's state key records (`Name{'module': 'net', ...}`), None if it records none."""
     text = str(key)
     try:
         fields = ast.literal_eval(text[text.index("{"):])
     except (ValueError, SyntaxError):
-        raise AuditError(path, f"holds pruning masks under the state key {reprlib.repr(text)}, which does not say "
-                               f"which module they belong to") from None
-    module = fields.get("module") if isinstance(fields, dict) else None
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def _state_key_module(path: Path, key: Any) -> Optional[str]:
+    """The `module` a callback's state key records: `PathBudgetPruning{'module': 'net', ...}`."""
+    fields = state_key_fields(key)
+    if fields is None:
+        raise AuditError(path, f"holds pruning masks under the state key {reprlib.repr(str(key))}, which does not "
+                               f"say which module they belong to")
+    module = fields.get("module")
     return module if isinstance(module, str) else None
 
 

@@ -20,6 +20,7 @@ from pathmonitor.scores import check_untied, selected_modules
 
 from .base import (MonitorError, PathCallback, between_deepspeed_micro_batches, check_deepspeed_gradients,
                    ends_the_epoch, is_due, log_values, restore)
+from .checkpoints import state_key_fields
 
 Selection = Sequence[tuple[nn.Module, str]]
 
@@ -108,17 +109,26 @@ class PathBudgetPruning(PathCallback):
 
     @property
     def state_key(self) -> str:
-        # the masks belong to the module, whatever the settings of later rounds (a resumed run may change scope)
-        return self._generate_state_key(module=self.module)
+        # the module and the window: two callbacks may prune one module in turns (how each prunes may change)
+        unit = "epoch" if self.every_n_epochs is not None else "step"
+        return self._generate_state_key(module=self.module, window=(unit, self.start, self.end))
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: dict[str, Any]) -> None:
+        """A state saved under another key (another window, or the scope earlier versions put in the key) is
+        this callback's when it is the only one saved for the module: the masks must not be lost."""
         states = checkpoint.get("callbacks") or {}
-        if self.state_key not in states:  # keyed with the scope by earlier versions
-            earlier = (self._generate_state_key(scope=scope, module=self.module) for scope in ("global", "layer"))
-            found = next((states[key] for key in earlier if key in states), None)
-            if found is not None:
-                self.load_state_dict(found)
+        if self.state_key in states:
+            return
+        name = type(self).__qualname__
+        saved = [key for key in states if str(key).startswith(name + "{")
+                 and (state_key_fields(key) or {}).get("module", None) == self.module]
+        if len(saved) > 1:
+            raise MonitorError(f"PathBudgetPruning(module={self.module!r}): the checkpoint holds {len(saved)} pruning "
+                               f"states for this module, none under this callback's settings ({self.state_key}); "
+                               f"resume with the settings the checkpoint was saved with: {sorted(map(str, saved))}")
+        if saved:
+            self.load_state_dict(states[saved[0]])
 
     # -- set-up ----------------------------------------------------------------------------------------
     def attach(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -335,7 +345,7 @@ class PathBudgetPruning(PathCallback):
         restore(self, state_dict, ("rounds", "last", "last_step", "rewind"))
         saved = state_dict.get("masks")
         if saved is not None:
-            if self.masks:  # attached already; else checked when attached
+            if self._attached:  # else checked when attached (a model built in configure_model)
                 self._check_saved_masks(saved, self.masks)
             self.masks = {name: mask.clone() for name, mask in saved.items()}
             self._restored = True

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import signature
+from .architecture import DROPOUT_FUNCTIONS, DROPOUT_MODULES, signature
 from .errors import IgnoredHookWarning, SupportReport, UnsupportedModelError, UnsupportedNode
 from .layers import AFFINE_TYPES, BATCH_NORMS, FUNCTIONAL_AFFINE, FunctionalAffine, unsupported_reason
 from .pools import FUNCTIONAL_POOLS, INTERPOLATION_DIMS, POOL_TYPES, Interpolation, MeanReduce, Pool, pool_from_module
@@ -109,8 +109,7 @@ KNOWN_UNSUPPORTED_MODULES: dict[type, str] = {
     nn.MultiheadAttention: "attention multiplies activations with each other",
 }
 
-_IDENTITY_MODULES = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                     nn.AlphaDropout, nn.FeatureAlphaDropout)
+_IDENTITY_MODULES = (nn.ReLU, nn.Identity) + DROPOUT_MODULES
 # Parameter-free modules whose forward only copies or re-indexes values (or pads with zeros).
 _REINDEX_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle,
                     nn.Upsample, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
@@ -119,8 +118,7 @@ _REINDEX_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle
                     nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
 _LEAF_TYPES = AFFINE_TYPES + POOL_TYPES + _IDENTITY_MODULES + _REINDEX_MODULES + tuple(KNOWN_UNSUPPORTED_MODULES)
 
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
-_IDENTITY_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, operator.neg, torch.neg} | _DROPOUT_FUNCTIONS
+_IDENTITY_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, operator.neg, torch.neg} | DROPOUT_FUNCTIONS
 _CAST_METHODS = {"float", "double", "half", "bfloat16", "to", "type_as"}
 _IDENTITY_METHODS = {"relu", "neg"} | _CAST_METHODS
 _SUM_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub}
@@ -351,7 +349,7 @@ class _Builder:
             return True
         if node.target is F.relu:
             return bool(dict(zip(("input", "inplace"), node.args), **node.kwargs).get("inplace", False))
-        if node.target in _DROPOUT_FUNCTIONS:
+        if node.target in DROPOUT_FUNCTIONS:
             settings = dict(zip(("input", "p", "training", "inplace"), node.args), **node.kwargs)
             inert = not settings.get("training", True) or settings.get("p", 0.5) == 0
             return bool(settings.get("inplace", False)) or inert

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from .distributed import gathering_in_order
 from .engine import exact_values, exact_walks
 from .architecture import check_same, check_state_dict_keys
-from .errors import ParameterMismatchError, PathComputationError, UnsupportedModelError
+from .errors import IgnoredHookWarning, ParameterMismatchError, PathComputationError, UnsupportedModelError
 from .graph import PathGraph, capture
 from .layers import TRANSPOSED_CONVOLUTIONS
 from .logmath import exp_or_inf, log_difference, log_sum
@@ -181,7 +182,9 @@ def parameter_source(network: Network, model: Optional[nn.Module] = None,
 
 def _architecture_of(network: nn.Module, input_shape: tuple[int, ...]) -> tuple:
     try:
-        return capture(network, input_shape).architecture
+        with warnings.catch_warnings():  # its hooks: only its parameters are read, never its forward
+            warnings.simplefilter("ignore", IgnoredHookWarning)
+            return capture(network, input_shape).architecture
     except UnsupportedModelError as error:
         raise ParameterMismatchError(f"the other network is not of the model's architecture: {error}") from None
 

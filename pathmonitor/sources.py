@@ -25,6 +25,7 @@ from .distributed import (LastModuleMemo, from_rank_zero, full, full_shape, gath
                           own_device, world)
 from .errors import ParameterMismatchError
 from .layers import edge_parameters, parameter_name, tensor_names
+from .tracer import compiled_original, uncompiled_name
 
 Tensors = Mapping[str, Optional[Tensor]]
 Edges = tuple[Tensor, Optional[Tensor]]
@@ -129,11 +130,17 @@ def submodule(root: nn.Module, name: str) -> nn.Module:
     and `get_submodule` goes through `Module.__getattr__` at each level."""
     module = root
     for part in name.split(".") if name else ():
+        # torch.compile's wrappers are looked through, where only one of the two networks has them
+        original = compiled_original(module)
+        if original is not None and part != "_orig_mod":
+            module = original
+        elif part == "_orig_mod" and original is None:
+            continue
         child = module._modules.get(part)
         if child is None:  # not a registered child: torch's own lookup says why
             return root.get_submodule(name)
         module = child
-    return module
+    return compiled_original(module) or module
 
 
 def _alive(reference: Callable[[], Optional[nn.Module]]) -> nn.Module:
@@ -165,17 +172,20 @@ class StateDictSource:
 
     def __init__(self, state_dict: Mapping[str, Tensor]):
         self.state_dict = state_dict
+        # names as the model's, without the `_orig_mod.` of torch.compile's wrappers on either side
+        self._entries = {uncompiled_name(key): t for key, t in state_dict.items()}
 
     @contextlib.contextmanager
     def tensors(self, name: str, module: nn.Module) -> Iterator[Tensors]:
         found = {}
+        entries = self._entries
         device = own_device(module)  # a state dict loaded on the CPU is read beside a model on another device
         for key in tensor_names(module):
-            full = parameter_name(name, key)
-            if full in self.state_dict:
-                found[key] = self.state_dict[full].to(device)
-            elif f"{full}_orig" in self.state_dict and f"{full}_mask" in self.state_dict:  # torch.nn.utils.prune
-                found[key] = self.state_dict[f"{full}_orig"].to(device) * self.state_dict[f"{full}_mask"].to(device)
+            full = uncompiled_name(parameter_name(name, key))
+            if full in entries:
+                found[key] = entries[full].to(device)
+            elif f"{full}_orig" in entries and f"{full}_mask" in entries:  # torch.nn.utils.prune
+                found[key] = entries[f"{full}_orig"].to(device) * entries[f"{full}_mask"].to(device)
             elif getattr(module, key, None) is not None:
                 raise ParameterMismatchError(f"the state dict has no entry {full!r} for module {name!r} "
                                              f"({type(module).__name__}){prefix_hint(self.state_dict, full)}")

@@ -172,8 +172,13 @@ class ShapedSequenceProxy(ShapedProxy):
 
 def compiled_original(module: nn.Module) -> Optional[nn.Module]:
     """The module that `torch.compile` wrapped, if `module` is its wrapper."""
-    original = getattr(module, "_orig_mod", None) if "_orig_mod" in module._modules else None
+    original = module._modules.get("_orig_mod")
     return original if isinstance(original, nn.Module) else None
+
+
+def uncompiled_name(name: str) -> str:
+    """A qualified name without the `_orig_mod` parts that torch.compile's wrappers add."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod") if "_orig_mod" in name else name
 
 
 class ScopedTracer(fx.Tracer):

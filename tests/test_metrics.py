@@ -335,6 +335,50 @@ def test_another_architecture_with_the_same_shapes_is_refused():
         pm.path_metric(net, extra, (1, 7, 7))
 
 
+class _Block(nn.Module):
+    """conv, ReLU, and a head reading ReLU(z) + z: with an in-place ReLU, the skip reads ReLU(z) twice."""
+
+    def __init__(self, inplace=False, rate=0.0):
+        super().__init__()
+        self.rate = rate
+        self.conv, self.relu, self.head = nn.Conv2d(1, 3, 3), nn.ReLU(inplace=inplace), nn.Linear(3, 2)
+
+    def forward(self, x):
+        z = self.conv(x.to(self.conv.weight.dtype))  # a dtype read from the weights: float64 copies cast to float64
+        if self.rate > 0:  # as timm does: dropout called only for a positive rate
+            z = F.dropout(z, self.rate, self.training)
+        y = self.relu(z) + z
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_the_same_architecture_is_recognised_across_builds_wrappers_and_precisions(recwarn):
+    """Refused: an in-place ReLU where the skip then reads another tensor. Compared: another dropout rate (or
+    none), a float64 copy, torch.nn.utils.prune or an old-style weight norm on one side, a compiled child
+    (module or state dict, either side), DeepSpeed's bookkeeping attributes, hooks on the other network."""
+    torch.manual_seed(0)
+    net, shape = _Block().eval(), (1, 5, 5)
+    inplace = _Block(inplace=True).eval()
+    inplace.load_state_dict(net.state_dict())
+    with pytest.raises(pm.ParameterMismatchError, match="inplace False in the model, True"):
+        pm.path_metric(net, inplace, shape)
+    twins = {"dropout": _Block(rate=0.3), "float64": copy.deepcopy(net).double(), "pruned": copy.deepcopy(net),
+             "weight norm": copy.deepcopy(net), "bookkeeping": copy.deepcopy(net), "hooked": copy.deepcopy(net)}
+    twins["dropout"].load_state_dict(net.state_dict())
+    torch.nn.utils.prune.identity(twins["pruned"].conv, "weight")
+    torch.nn.utils.weight_norm(twins["weight norm"].conv)
+    twins["bookkeeping"].conv.ds_id = 7
+    twins["hooked"].conv.register_forward_hook(lambda module, args, out: out * 2)
+    compiled = copy.deepcopy(net)
+    compiled.conv = torch.compile(compiled.conv)
+    for name, twin in twins.items():
+        assert pm.path_metric(net, twin.eval(), shape).value == pytest.approx(0, abs=1e-12), name
+        assert pm.path_metric(twin, net, shape).value == pytest.approx(0, abs=1e-12), name
+    for first, second in ((net, compiled), (compiled, net)):
+        for other in (second, second.state_dict()):
+            assert pm.path_metric(first, other, shape).value == 0
+    assert not [w for w in recwarn if issubclass(w.category, pm.IgnoredHookWarning)]
+
+
 def test_state_dict_hints():
     net, shape = make("tiny_conv", 0)
     prefixed = {f"module.{k}": v for k, v in net.state_dict().items()}

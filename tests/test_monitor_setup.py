@@ -86,28 +86,41 @@ def test_a_supported_sub_module_can_be_watched(tmp_path):
                                                          rel=1e-12)
 
 
-class LateDigits(DigitsNet):
-    """Its layers built in `configure_model` (as Lightning recommends for sharded training), which Lightning
-    calls after every callback's `setup`."""
-
+class _BuiltLate(DigitsNet):
     def __init__(self):
         super().__init__(width=4)
         del self.net
 
-    def configure_model(self):
+    def build(self):
         if not hasattr(self, "net"):
             torch.manual_seed(0)
             self.net = DigitsNet(width=4).net
 
 
-def test_layers_built_in_configure_model_are_watched_regularized_and_pruned(tmp_path):
+class LateDigits(_BuiltLate):
+    """Its layers built in `configure_model` (as Lightning recommends for sharded training), which Lightning
+    calls after every callback's `setup`."""
+
+    def configure_model(self):
+        self.build()
+
+
+class OlderLateDigits(_BuiltLate):
+    """The same with the hook's older name, which Lightning 2.6 still calls."""
+
+    def configure_sharded_model(self):
+        self.build()
+
+
+@pytest.mark.parametrize("late", [LateDigits, OlderLateDigits])
+def test_layers_built_in_configure_model_are_watched_regularized_and_pruned(tmp_path, late):
     from pathmonitor.callbacks import PathBudgetPruning, PathNormRegularizer
 
     def callbacks():
         return [PathNormRegularizer(0.1), PathBudgetPruning(budget=0.2, every_n_steps=2, module="net"),
                 PathNormMonitor(every_n_steps=2)]
 
-    first, model = callbacks(), LateDigits()
+    first, model = callbacks(), late()
     fit = trainer(tmp_path, first, max_steps=4)
     fit.fit(model, data())
     fit.save_checkpoint(tmp_path / "four.ckpt")
@@ -116,7 +129,7 @@ def test_layers_built_in_configure_model_are_watched_regularized_and_pruned(tmp_
     with torch.no_grad():
         assert monitor.last["pathnorm/l1"] == pytest.approx(float(pm.path_norm(model, (1, 8, 8))), rel=1e-9)
     pruned = {name: ~mask for name, mask in pruning.masks.items()}
-    resumed, model = callbacks(), LateDigits()
+    resumed, model = callbacks(), late()
     trainer(tmp_path, resumed, max_steps=6).fit(model, data(), ckpt_path=str(tmp_path / "four.ckpt"))
     assert resumed[1].rounds == 3
     for name, gone in pruned.items():  # restored before the layers existed, and kept

@@ -174,6 +174,28 @@ def test_masks_survive_a_resume_with_another_scope_or_from_an_older_state_key(tm
         assert not bool(model.net.get_submodule(name).weight.detach()[gone].any()), name
 
 
+def test_two_pruning_phases_on_one_module_keep_their_own_states(tmp_path):
+    """A global phase, then a per-layer one: two callbacks on one module, told apart by their windows. A
+    resume under a third window cannot tell which state is its own and says so."""
+    def phases():
+        return [PathBudgetPruning(budget=0.1, every_n_steps=2, start=1, end=4, module="net"),
+                PathBudgetPruning(budget=0.1, every_n_steps=2, start=5, end=8, module="net", scope="layer")]
+
+    pl.seed_everything(0)
+    first = phases()
+    fit = trainer(tmp_path, first, max_steps=8)
+    fit.fit(DigitsNet(width=4), data())
+    fit.save_checkpoint(tmp_path / "eight.ckpt")
+    assert [c.rounds for c in first] == [2, 2]
+    resumed = phases()
+    trainer(tmp_path, resumed, max_steps=8).fit(DigitsNet(width=4), data(), ckpt_path=str(tmp_path / "eight.ckpt"))
+    for before, after in zip(first, resumed):
+        assert after.rounds == before.rounds and all(torch.equal(after.masks[n], m) for n, m in before.masks.items())
+    with pytest.raises(MonitorError, match="2 pruning states for this module"):
+        trainer(tmp_path, [PathBudgetPruning(budget=0.1, every_n_steps=2, end=8, module="net")], max_steps=9).fit(
+            DigitsNet(width=4), data(), ckpt_path=str(tmp_path / "eight.ckpt"))
+
+
 def test_another_fit_of_the_same_model_keeps_what_was_pruned(tmp_path):
     model = DigitsNet(width=4)
     pruning = PathBudgetPruning(budget=0.3, every_n_steps=2, end=2, module="net")
