@@ -1,4 +1,5 @@
 """torchvision's real model definitions as the architecture corpus (MATH.md sections 1-2)."""
+import copy
 import math
 
 import pytest
@@ -28,6 +29,19 @@ def test_supported_architectures_give_finite_consistent_values(name):
             assert math.isfinite(float(log_norm))
             assert math.isfinite(float(norm)) and float(norm) > 0
             assert float(log_norm) == pytest.approx(math.log(float(norm)), abs=1e-12 * max(1.0, abs(float(log_norm))))
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_a_rebuilt_model_or_a_float64_copy_is_the_same_architecture(name):
+    """What a path-metric between two checkpoints of one model compares: a second build and a float64 copy
+    trace to the same architecture, and the state dict of either is accepted."""
+    from pathmonitor.architecture import check_same, check_state_dict_keys
+    from pathmonitor.graph import capture
+
+    model, rebuilt = _model(name).eval(), _model(name).eval()
+    for other in (rebuilt, copy.deepcopy(model).double()):
+        check_same(capture(model, (3, 64, 64)).architecture, capture(other, (3, 64, 64)).architecture)
+        check_state_dict_keys(model, other.state_dict())
 
 
 @pytest.mark.parametrize("name, module_type, example", [("mobilenet_v2", "ReLU6", "features.0.2"),
