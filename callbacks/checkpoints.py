@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from pathmonitor.architecture import wrapped_name
+
 
 class AuditError(Exception):
     """What went wrong, for one line on stderr: `<file>: <problem>`."""
@@ -219,7 +221,7 @@ def _without_wrapper_prefix(state: dict[str, Tensor], model: nn.Module) -> dict[
     if not state or set(state) == expected:
         return state
     first = next(iter(state))
-    wrapped = max((name for name in expected if first.endswith("." + name)), key=len, default=None)
+    wrapped = wrapped_name(first, expected)
     if wrapped is None:
         return state
     prefix = first[: -len(wrapped)]

@@ -7,7 +7,7 @@ forward with its literal arguments, and the type and settings of every layer it 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -86,11 +86,16 @@ def check_state_dict_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> No
     unexpected = [key for key in state_dict if _plain(key) not in expected and not key.endswith("num_batches_tracked")]
     if unexpected:
         shown = ", ".join(repr(key) for key in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
-        # the longest of the model's names that the first entry ends with: the wrapper's prefix is the rest
-        wrapped = max((name for name in expected if unexpected[0].endswith("." + name)), key=len, default=None)
+        wrapped = wrapped_name(unexpected[0], expected)
         hint = prefix_hint(unexpected[:1], wrapped) if wrapped else ": it is of another architecture"
         raise ParameterMismatchError(f"the state dict has {len(unexpected)} entries that no tensor of the model "
                                      f"has ({shown}){hint}")
+
+
+def wrapped_name(key: str, names: Iterable[str]) -> Optional[str]:
+    """The name among `names` that `key` is under a wrapper's prefix, if any: the longest it ends with (the
+    wrapper's prefix is the rest of `key`)."""
+    return max((name for name in names if key.endswith("." + name)), key=len, default=None)
 
 
 def prefix_hint(keys: Iterable[str], name: str) -> str:

@@ -15,9 +15,9 @@ from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence, Uni
 import torch
 from torch import Tensor, nn
 
+from .architecture import check_same, check_state_dict_keys
 from .distributed import gathering_in_order
 from .engine import exact_values, exact_walks
-from .architecture import check_same, check_state_dict_keys
 from .errors import IgnoredHookWarning, ParameterMismatchError, PathComputationError, UnsupportedModelError
 from .graph import PathGraph, capture
 from .layers import TRANSPOSED_CONVOLUTIONS
@@ -25,7 +25,7 @@ from .logmath import exp_or_inf, log_difference, log_sum
 from .norms import norm_and_log_of, unwrapped, validated_input_shape
 from .sources import (AbsoluteMagnitudes, EdgeMagnitudes, Edges, EdgeSource, Envelopes, ModuleSource,
                       ParameterEdges, ParameterSource, StateDictSource, TransformedSource,
-                      common_dtype, magnitude, paired_edges, submodule)
+                      common_dtype, magnitude, opposite_signs, paired_edges, submodule)
 
 Kind = Literal["pruning", "same_sign", "general"]
 Network = Union[nn.Module, Mapping[str, Tensor]]
@@ -73,10 +73,6 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def _opposite_signs(x: Tensor, y: Tensor) -> bool:
-    return bool((x.sign() * y.sign()).lt_(0).any())
-
-
 class _ComparingMagnitudes:
     """|theta| of the first network, while finding out how theta' relates to it, coordinate-wise:
     whether theta' lies between 0 and theta (theta' is theta pruned or shrunk: y*(x-y) >= 0), or
@@ -106,7 +102,7 @@ class _ComparingMagnitudes:
             self.first_inside = self.first_inside and _between_zero_and(y, x)
             # where either flag still held, no sign differs; so only later tensors need a look
             if not (self.second_inside or self.first_inside):
-                self.conflicts = self.conflicts or _opposite_signs(x, y)
+                self.conflicts = self.conflicts or bool(opposite_signs(x, y).any())
 
     def compare_every_module(self, graph: PathGraph, model: nn.Module) -> None:
         """The comparison alone, without a pass: each affine module read once, in the order a pass reads them."""

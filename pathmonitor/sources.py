@@ -316,14 +316,20 @@ class Envelopes:
                     upper.append(None), lower.append(None), split.append(None)
                     continue
                 first = x.detach().to(torch.float64, copy=True)
-                if self.split_signs:  # signs, not the product x*y, which can underflow to zero
-                    first.masked_fill_(torch.sign(x).mul_(torch.sign(y)).lt_(0).bool(), 0.0)
+                if self.split_signs:
+                    first.masked_fill_(opposite_signs(x, y), 0.0)
                 first.abs_()
                 second = y.detach().to(torch.float64, copy=True).abs_()
                 lower.append(torch.minimum(first, second))
                 upper.append(torch.maximum(first, second, out=second))
                 split.append(first)
         return tuple(upper), tuple(lower), tuple(split)  # type: ignore[return-value]
+
+
+def opposite_signs(x: Tensor, y: Tensor) -> Tensor:
+    """Where x and y have opposite signs (zeros have none): signs, not the product x*y, which can underflow
+    to zero."""
+    return torch.sign(x).mul_(torch.sign(y)).lt(0)
 
 
 class _Envelope:
